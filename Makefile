@@ -1,0 +1,37 @@
+# The two commands of the README:
+#   make demo   - the main job (arrives with the trainer issue)
+#   make test   - install everything from nothing and run the test suite
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# On a GPU machine whose Python already has its own CUDA torch:
+#   make setup SYSTEM_TORCH=1   (venv sees system site-packages; torch/torchvision pins skipped)
+SYSTEM_TORCH ?= 0
+export OMP_NUM_THREADS ?= 2
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+.PHONY: setup test demo bench clean
+
+$(VENV)/.installed: pyproject.toml requirements/pins.txt
+	@set -e; \
+	if [ "$(SYSTEM_TORCH)" = 1 ]; then python3 -m venv --system-site-packages $(VENV); \
+	  grep -vE '^(torch|torchvision)==' requirements/pins.txt > $(VENV)/pins.txt; \
+	else python3 -m venv $(VENV); cp requirements/pins.txt $(VENV)/pins.txt; fi; \
+	$(PIP) install -q --upgrade pip; \
+	$(PIP) install -q -r $(VENV)/pins.txt -e '.[dev]'; \
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(PY) -m pytest -q tests
+
+demo: setup
+	@echo "The demo (shard -> pretrain -> export -> evaluate) arrives with the trainer issue (#5)."; exit 2
+
+bench: setup
+	$(PY) benchmarks/model_step.py
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache
