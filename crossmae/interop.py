@@ -28,6 +28,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from .model import MaskedAutoencoder, ModelConfig
+from .presets import DECODER_WIDTH, ENCODERS
 
 ENCODER_PREFIXES = ("patch_embed.", "cls_token", "pos_embed", "blocks.", "norm.")
 DECODER_PREFIXES = ("mask_token", "decoder_pos_embed", "decoder_embed.", "decoder_blocks.", "decoder_norm.",
@@ -92,6 +93,13 @@ def read_checkpoint(f: str | IO[bytes]) -> dict[str, torch.Tensor]:
     return state
 
 
+def _heads_for(width: int, table: dict[int, int]) -> int:
+    """Head counts are not stored in weights: take them from the preset of that width."""
+    if width not in table:
+        raise CheckpointError(f"no preset has width {width}; pass num_heads / decoder_num_heads explicitly")
+    return table[width]
+
+
 def config_from_released(state: dict[str, torch.Tensor], **overrides) -> ModelConfig:
     """Infer the architecture of a released state dict (library or released key names)."""
     s = released_to_library(state) if "blocks.0.norm1.weight" in state else state
@@ -100,27 +108,28 @@ def config_from_released(state: dict[str, torch.Tensor], **overrides) -> ModelCo
     in_chans = s["encoder.patch_embed.proj.weight"].shape[1]
     grid = int(round((s["encoder.pos_embed"].shape[1] - 1) ** 0.5))
     depth = 1 + max(int(k.split(".")[2]) for k in s if k.startswith("encoder.blocks."))
-    heads = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}.get(embed_dim, max(1, embed_dim // 64))
+    heads = overrides.get("num_heads") or _heads_for(embed_dim, {w: h for _, _, w, _, h in ENCODERS.values()})
     cfg: dict[str, Any] = dict(img_size=grid * patch, patch_size=patch, in_chans=in_chans, embed_dim=embed_dim,
                                depth=depth, num_heads=heads)
     if "decoder.mask_token" in s:
         dec_dim = s["decoder.mask_token"].shape[-1]
-        cfg.update(decoder_embed_dim=dec_dim, decoder_num_heads=8 if dec_dim <= 256 else 16,
+        cfg.update(decoder_embed_dim=dec_dim,
+                   decoder_num_heads=overrides.get("decoder_num_heads") or _heads_for(dec_dim, dict(DECODER_WIDTH.values())),
                    decoder_depth=1 + max(int(k.split(".")[2]) for k in s if k.startswith("decoder.decoder_blocks.")))
         if "decoder.decoder_embed.weight" in s:
             cfg.update(decoder="mae", pred_ratio=0.75, fuse_features=False)
         else:
             fusion = s.get("decoder.feature_fusion.weight")
             cfg.update(decoder="cross", fuse_features=fusion is not None,
-                       fuse_use_input=fusion is not None and fusion.shape[1] == depth + 1,
+                       fuse_use_input=fusion is None or fusion.shape[1] == depth + 1,
                        decoder_self_attn="decoder.decoder_blocks.0.self_attn.qkv.weight" in s)
     else:  # encoder-only file (e.g. MAE's mae_pretrain_vit_*.pth): a final norm means MAE-style
         has_norm = "encoder.norm.weight" in s
-        cfg.update(decoder="mae" if has_norm else "cross", fuse_features=not has_norm, pred_ratio=0.75)
-        if embed_dim == 384:
-            cfg.update(decoder_embed_dim=256, decoder_num_heads=8)
-        if not has_norm:
-            cfg.update(pred_ratio=0.25)
+        size = next((k for k, v in ENCODERS.items() if v[2] == embed_dim and v[3] == depth), "base")
+        dec_dim, dec_heads = DECODER_WIDTH[size]
+        cfg.update(decoder="mae" if has_norm else "cross", fuse_features=not has_norm,
+                   pred_ratio=0.75 if has_norm else 0.25, decoder_embed_dim=dec_dim, decoder_num_heads=dec_heads,
+                   decoder_depth=8 if has_norm else 12)
     cfg.update(overrides)
     return ModelConfig(**cfg)
 
@@ -201,17 +210,23 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def create_timm_encoder(config: dict, tensors: dict[str, torch.Tensor], **overrides) -> torch.nn.Module:
-    """A timm VisionTransformer from an export. ``overrides`` (e.g. ``num_classes=1000,
-    fc_norm=True, drop_path_rate=0.1`` for fine-tuning) may add new layers: only those new
-    layers (``head.*``, ``fc_norm.*``) may be missing; anything else is an error."""
+def create_timm_encoder(config: dict, tensors: dict[str, torch.Tensor], **overrides):
+    """(timm VisionTransformer, missing keys) from an export.
+
+    ``overrides`` (e.g. ``num_classes=1000, fc_norm=True, final_norm=True, drop_path_rate=0.1``
+    for MAE-protocol fine-tuning) may add layers; only those new layers (``head.*``,
+    ``fc_norm.*``) may be missing. With ``fc_norm`` an encoder's own final ``norm`` is dropped,
+    as MAE's fine-tuning does. Anything else that does not fit is an error.
+    """
     import timm
 
     model = timm.create_model(config["architecture"], pretrained=False, **{**config["model_args"], **overrides})
+    own = model.state_dict()
+    if overrides.get("fc_norm"):
+        tensors = {k: v for k, v in tensors.items() if not (k.startswith("norm.") and k not in own)}
     result = model.load_state_dict(tensors, strict=False)
-    allowed = ("head.", "fc_norm.")
-    bad_missing = [k for k in result.missing_keys if not k.startswith(allowed)]
+    bad_missing = [k for k in result.missing_keys if not k.startswith(("head.", "fc_norm."))]
     if bad_missing or result.unexpected_keys:
         raise CheckpointError(f"export does not fit timm model: missing {bad_missing[:5]}, "
                               f"unexpected {result.unexpected_keys[:5]}")
-    return model
+    return model, sorted(result.missing_keys)

@@ -1,0 +1,24 @@
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def smooth_images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
+    """A fixed batch of structured images (gradients, stripes, blobs): learnable, not noise."""
+    g = torch.Generator().manual_seed(seed)
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    imgs = []
+    for _ in range(n):
+        f = torch.rand(3, 3, generator=g) * 4 + 1
+        phase = torch.rand(3, generator=g) * 6.28
+        cx, cy = (torch.rand(2, generator=g) - 0.5).tolist()
+        blob = torch.exp(-((xs - cx) ** 2 + (ys - cy) ** 2) * 8)
+        chans = [torch.sin(f[c, 0] * xs + f[c, 1] * ys + phase[c]) * 0.5 + blob * f[c, 2] / 5 for c in range(3)]
+        imgs.append(torch.stack(chans))
+    return torch.stack(imgs)
