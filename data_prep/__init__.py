@@ -1,0 +1,1 @@
+"""Sharding tools: image sets -> WebDataset / FFCV shards with a manifest (issue #3)."""

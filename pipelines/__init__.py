@@ -1,0 +1,1 @@
+"""Loaders, DeepSpeed trainer, export and evaluation jobs (issues #4-#6)."""

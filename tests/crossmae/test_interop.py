@@ -122,6 +122,7 @@ class _Evil:
         return (os.system, ("touch pwned-by-checkpoint",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_malicious_pickle_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "evil.pth"
