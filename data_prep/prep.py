@@ -1,0 +1,187 @@
+"""Shard a split: plan -> (this worker's) shards -> part records -> manifest.
+
+Layout written under ``DST/{split}/``::
+
+    {split}-000000.tar ...    the shards
+    _plan.json                the plan every worker derived (digest, shard names, classes, source)
+    _parts/{shard}.json       one record per finished shard (count, bytes, sha256, rejects)
+    manifest.json             written LAST by finalize: its presence marks the split complete
+
+A shard counts as done when its part record carries the current plan digest and the shard
+object has the recorded size; the record is written only after the shard is durable, so a
+crash at any point leaves either a finished shard or one that is rewritten, byte-identical.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import sys
+import time
+from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
+
+from tqdm import tqdm
+
+from pipelines import storage
+
+from .plan import Shard, make_plan, plan_digest, worker_slice
+from .shards import ImageOptions, write_shard
+from .sources import SourceListing, read_item
+
+
+class PrepError(RuntimeError):
+    """A data-prep failure the user can act on (one line)."""
+
+
+@dataclass(frozen=True)
+class PrepOptions:
+    seed: int = 0
+    shard_bytes: int | None = 1_000_000_000
+    shard_samples: int | None = None
+    image: ImageOptions = ImageOptions()
+    processes: int = 1
+    num_workers: int = 1
+    worker_index: int = 0
+
+
+def tool_version() -> str:
+    try:
+        return version("crossmae-pipeline")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _json(url: str) -> dict | None:
+    try:
+        return json.loads(storage.read_bytes(url))
+    except FileNotFoundError:
+        return None
+
+
+def _put_json(url: str, obj: dict) -> None:
+    storage.write_bytes(url, json.dumps(obj, indent=1, sort_keys=True).encode())
+
+
+def _is_done(split_url: str, shard: Shard, digest: str) -> bool:
+    part = _json(storage.join(split_url, "_parts", shard.name + ".json"))
+    if not part or part.get("plan_digest") != digest:
+        return False
+    try:
+        return storage.size(storage.join(split_url, shard.name)) == part["bytes"]
+    except FileNotFoundError:
+        return False
+
+
+def _write_one(args) -> dict:
+    split_url, shard, items, digest, image_opts = args
+    record = write_shard(storage.join(split_url, shard.name), items, read_item, image_opts)
+    record.update(name=shard.name, index=shard.index, plan_digest=digest)
+    _put_json(storage.join(split_url, "_parts", shard.name + ".json"), record)  # only after the shard is durable
+    return record
+
+
+def prepare_split(listing: SourceListing, dst: str, opts: PrepOptions, progress: bool | None = None) -> dict:
+    """Write this worker's shards of one split; finalize when it is the only worker."""
+    t0 = time.time()
+    split_url = storage.join(dst, listing.split)
+    keys = [it.key for it in listing.items]
+    shards = make_plan([it.size for it in listing.items], listing.split, opts.seed, opts.shard_bytes,
+                       opts.shard_samples)
+    options = dict(seed=opts.seed, shard_bytes=opts.shard_bytes, shard_samples=opts.shard_samples,
+                   **asdict(opts.image))
+    digest = plan_digest(keys, shards, options)
+    if _json(storage.join(split_url, "manifest.json")) is not None:
+        existing = _json(storage.join(split_url, "manifest.json"))
+        if existing.get("plan_digest") == digest:
+            return dict(split=listing.split, skipped_shards=len(shards), written_shards=0, complete=True)
+        raise PrepError(f"{split_url} already holds a finished dataset made with other inputs or options; "
+                        "choose another destination")
+    _put_json(storage.join(split_url, "_plan.json"), dict(
+        split=listing.split, plan_digest=digest, options=options, classes=listing.classes,
+        source=listing.description, listing_rejects=listing.rejects, tool=dict(name="crossmae-prep",
+        version=tool_version()), shards=[dict(name=s.name, planned_samples=len(s.items)) for s in shards]))
+
+    mine = worker_slice(shards, opts.num_workers, opts.worker_index)
+    todo = [s for s in mine if not _is_done(split_url, s, digest)]
+    jobs = [(split_url, s, [listing.items[i] for i in s.items], digest, opts.image) for s in todo]
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = tqdm(total=sum(len(s.items) for s in todo), unit="img", desc=f"{listing.split}", disable=not show)
+    records = []
+    if opts.processes > 1 and len(jobs) > 1:
+        with mp.get_context("fork").Pool(min(opts.processes, len(jobs))) as pool:
+            for rec in pool.imap_unordered(_write_one, jobs):
+                records.append(rec)
+                bar.update(sum(rec["status"].values()))
+    else:
+        for job in jobs:
+            rec = _write_one(job)
+            records.append(rec)
+            bar.update(sum(rec["status"].values()))
+    bar.close()
+    summary = dict(split=listing.split, planned_shards=len(shards), worker_shards=len(mine),
+                   skipped_shards=len(mine) - len(todo), written_shards=len(records),
+                   written_samples=sum(r["num_samples"] for r in records),
+                   rejected=sum(len(r["rejects"]) for r in records) + len(listing.rejects),
+                   converted=sum(len(r["converted"]) for r in records),
+                   seconds=round(time.time() - t0, 3))
+    if opts.num_workers == 1:
+        summary["manifest_samples"] = finalize(dst, listing.split)["num_samples"]
+    return summary
+
+
+def finalize(dst: str, split: str) -> dict:
+    """Assemble ``manifest.json`` from the plan and every part record; fail naming what is missing."""
+    split_url = storage.join(dst, split)
+    plan = _json(storage.join(split_url, "_plan.json"))
+    if plan is None:
+        raise PrepError(f"no _plan.json under {split_url}: nothing was prepared there")
+    shards, missing = [], []
+    for s in plan["shards"]:
+        part = _json(storage.join(split_url, "_parts", s["name"] + ".json"))
+        if not part or part.get("plan_digest") != plan["plan_digest"]:
+            missing.append(s["name"])
+        else:
+            shards.append(part)
+    if missing:
+        raise PrepError(f"{len(missing)} of {len(plan['shards'])} shards of {split_url} are not finished "
+                        f"(first: {missing[0]}); run the missing workers, then finalize again")
+    rejects = list(plan["listing_rejects"]) + [r for p in shards for r in p["rejects"]]
+    manifest = dict(
+        format="webdataset", split=split, plan_digest=plan["plan_digest"],
+        num_samples=sum(p["num_samples"] for p in shards), num_shards=len(shards),
+        shards=[dict(name=p["name"], num_samples=p["num_samples"], bytes=p["bytes"], sha256=p["sha256"])
+                for p in shards],
+        classes=plan["classes"], class_map={c: i for i, c in enumerate(plan["classes"])},
+        source=plan["source"], options=plan["options"], tool=plan["tool"],
+        rejects=rejects, converted=[c for p in shards for c in p["converted"]],
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
+    _put_json(storage.join(split_url, "manifest.json"), manifest)  # last: marks the split complete
+    return manifest
+
+
+def verify(dst: str, split: str, progress: bool | None = None) -> dict:
+    """Re-read every shard of a finished split; compare sizes and sha256 with the manifest."""
+    import hashlib
+
+    split_url = storage.join(dst, split)
+    manifest = _json(storage.join(split_url, "manifest.json"))
+    if manifest is None:
+        raise PrepError(f"no manifest.json under {split_url}: the split is missing or unfinished")
+    missing, corrupt = [], []
+    show = sys.stderr.isatty() if progress is None else progress
+    for s in tqdm(manifest["shards"], desc=f"verify {split}", unit="shard", disable=not show):
+        url = storage.join(split_url, s["name"])
+        sha, n = hashlib.sha256(), 0
+        try:
+            with storage.open_read(url) as f:
+                while chunk := f.read(1 << 20):
+                    sha.update(chunk)
+                    n += len(chunk)
+        except FileNotFoundError:
+            missing.append(s["name"])
+            continue
+        if n != s["bytes"] or sha.hexdigest() != s["sha256"]:
+            corrupt.append(s["name"])
+    return dict(split=split, shards=len(manifest["shards"]), num_samples=manifest["num_samples"],
+                missing=missing, corrupt=corrupt, ok=not missing and not corrupt)
