@@ -8,6 +8,10 @@ PIP := $(PY) -m pip
 # On a GPU machine whose Python already has its own CUDA torch:
 #   make setup SYSTEM_TORCH=1   (venv sees system site-packages; torch/torchvision pins skipped)
 SYSTEM_TORCH ?= 0
+# Optional extras installed by setup; `make setup EXTRAS=dev` skips FFCV (and its Debian packages).
+EXTRAS ?= dev,ffcv
+# FFCV 1.0.2 compiles against these at pip-install time (without them: "Could not find required package: opencv4").
+DEB_PKGS := libturbojpeg0-dev libopencv-dev pkg-config
 export OMP_NUM_THREADS ?= 2
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
@@ -15,11 +19,16 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
 $(VENV)/.installed: pyproject.toml requirements/pins.txt
 	@set -e; \
+	if echo "$(EXTRAS)" | grep -q ffcv && ! dpkg -s $(DEB_PKGS) >/dev/null 2>&1; then \
+	  echo "installing Debian packages for FFCV: $(DEB_PKGS)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(DEB_PKGS) >/dev/null; \
+	fi; \
 	if [ "$(SYSTEM_TORCH)" = 1 ]; then python3 -m venv --system-site-packages $(VENV); \
 	  grep -vE '^(torch|torchvision)==' requirements/pins.txt > $(VENV)/pins.txt; \
 	else python3 -m venv $(VENV); cp requirements/pins.txt $(VENV)/pins.txt; fi; \
 	$(PIP) install -q --upgrade pip; \
-	$(PIP) install -q -r $(VENV)/pins.txt -e '.[dev]'; \
+	$(PIP) install -q -c $(VENV)/pins.txt -e '.[$(EXTRAS)]'; \
 	touch $@
 
 setup: $(VENV)/.installed

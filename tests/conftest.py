@@ -1,6 +1,9 @@
 import pytest
 import torch
 
+# The real S3 server (SeaweedFS) fixtures: s3_server, s3_env, s3_bucket.
+pytest_plugins = ["tests.s3_server"]
+
 torch.set_num_threads(2)
 
 
