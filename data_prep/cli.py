@@ -18,7 +18,8 @@ import sys
 from pipelines import storage
 
 from .plan import workers_from_env
-from .prep import PrepError, PrepOptions, finalize, prepare_split, verify
+from .ffcv_out import FFCVOptions
+from .prep import PrepError, PrepOptions, finalize, prepare_ffcv, prepare_split, verify
 from .shards import ImageOptions
 from .sources import SourceError, list_image_folder, list_imagenet
 
@@ -39,7 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     def shard_args(p):
         p.add_argument("src", help="local source directory")
         p.add_argument("dst", help="destination: local path, file:// or s3://bucket/prefix")
-        p.add_argument("--format", choices=["wds"], default="wds", help="output format (wds = WebDataset tars)")
+        p.add_argument("--format", choices=["wds", "ffcv"], default="wds",
+                       help="wds: WebDataset tars (default); ffcv: one .beton per split (needs the ffcv extra)")
+        p.add_argument("--ffcv-write-mode", choices=["raw", "jpg", "smart", "proportion"], default="smart")
+        p.add_argument("--ffcv-max-resolution", type=int, default=512, help="longer side stored in .beton")
+        p.add_argument("--ffcv-quality", type=int, default=90)
         size = p.add_mutually_exclusive_group()
         size.add_argument("--shard-bytes", type=_size, default=None, help="target shard size (default 1GB)")
         size.add_argument("--shard-samples", type=int, default=None, help="samples per shard")
@@ -80,7 +85,11 @@ def _prepare(args) -> dict:
     for split in splits:
         listing = (list_imagenet(args.src, split) if args.command == "imagenet"
                    else list_image_folder(args.src, split))
-        res = prepare_split(listing, args.dst, opts)
+        if args.format == "ffcv":
+            res = prepare_ffcv(listing, args.dst, opts, FFCVOptions(args.ffcv_write_mode, args.ffcv_max_resolution,
+                                                                    args.ffcv_quality))
+        else:
+            res = prepare_split(listing, args.dst, opts)
         results.append(res)
         print(f"{split}: {res.get('written_samples', 0)} samples in {res['written_shards']} new shards "
               f"({res['skipped_shards']} already done), {res.get('converted', 0)} converted, "

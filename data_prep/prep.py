@@ -74,6 +74,7 @@ def _is_done(split_url: str, shard: Shard, digest: str) -> bool:
 
 def _write_one(args) -> dict:
     split_url, shard, items, digest, image_opts = args
+    storage.remove_partial_writes(storage.join(split_url, shard.name))  # a killed earlier attempt's leftovers
     record = write_shard(storage.join(split_url, shard.name), items, read_item, image_opts)
     record.update(name=shard.name, index=shard.index, plan_digest=digest)
     _put_json(storage.join(split_url, "_parts", shard.name + ".json"), record)  # only after the shard is durable
@@ -146,18 +147,45 @@ def finalize(dst: str, split: str) -> dict:
         raise PrepError(f"{len(missing)} of {len(plan['shards'])} shards of {split_url} are not finished "
                         f"(first: {missing[0]}); run the missing workers, then finalize again")
     rejects = list(plan["listing_rejects"]) + [r for p in shards for r in p["rejects"]]
+    return write_manifest(split_url, "webdataset", plan, shards, rejects, [c for p in shards for c in p["converted"]])
+
+
+def write_manifest(split_url: str, fmt: str, plan: dict, shards: list[dict], rejects: list, converted: list) -> dict:
+    """The one manifest schema (WebDataset and FFCV), written LAST: it marks the split complete."""
     manifest = dict(
-        format="webdataset", split=split, plan_digest=plan["plan_digest"],
+        format=fmt, split=plan["split"], plan_digest=plan["plan_digest"],
         num_samples=sum(p["num_samples"] for p in shards), num_shards=len(shards),
         shards=[dict(name=p["name"], num_samples=p["num_samples"], bytes=p["bytes"], sha256=p["sha256"])
                 for p in shards],
         classes=plan["classes"], class_map={c: i for i, c in enumerate(plan["classes"])},
         source=plan["source"], options=plan["options"], tool=plan["tool"],
-        rejects=rejects, converted=[c for p in shards for c in p["converted"]],
+        num_rejected=len(rejects), rejects=rejects, num_converted=len(converted), converted=converted,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
-    _put_json(storage.join(split_url, "manifest.json"), manifest)  # last: marks the split complete
+    _put_json(storage.join(split_url, "manifest.json"), manifest)
     return manifest
+
+
+def prepare_ffcv(listing: SourceListing, dst: str, opts: PrepOptions, ffcv_opts) -> dict:
+    """One .beton for the split, then its manifest; skipped when an identical one is complete."""
+    from .ffcv_out import ffcv_plan, write_ffcv_split
+
+    if opts.num_workers > 1:
+        raise PrepError("FFCV output is one file per split: use --processes, not --num-workers")
+    split_url = storage.join(dst, listing.split)
+    existing = _json(storage.join(split_url, "manifest.json"))
+    if existing is not None:
+        if existing.get("plan_digest") == ffcv_plan(listing, opts.seed, opts.image.validate, ffcv_opts)[2]:
+            return dict(split=listing.split, written_shards=0, skipped_shards=1, complete=True)
+        raise PrepError(f"{split_url} already holds a finished dataset made with other inputs or options; "
+                        "choose another destination")
+    rec = write_ffcv_split(listing, dst, opts.seed, opts.image.validate, ffcv_opts, opts.processes)
+    plan = dict(split=listing.split, plan_digest=rec["plan_digest"], options=rec["options"],
+                classes=listing.classes, source=listing.description, tool=dict(name="crossmae-prep",
+                version=tool_version()))
+    manifest = write_manifest(split_url, "ffcv", plan, [rec], rec["rejects"], rec["converted"])
+    return dict(split=listing.split, written_shards=1, skipped_shards=0, written_samples=manifest["num_samples"],
+                rejected=manifest["num_rejected"], converted=manifest["num_converted"], seconds=rec["seconds"])
 
 
 def verify(dst: str, split: str, progress: bool | None = None) -> dict:
