@@ -15,31 +15,17 @@ import pytest
 from PIL import Image
 
 from data_prep.cli import main
+from tests.data_prep.fixtures import make_bad_images, make_image_folder, make_imagenet_archives, make_imagenet_tree
 from pipelines import storage
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def make_folder(root: pathlib.Path, classes=("cat", "dog", "eel", "fox"), per_class=12, seed=0, bad=False):
-    """root/<class>/*.jpg: real JPEGs of varied sizes; with ``bad``, broken and odd files too."""
-    rng = np.random.default_rng(seed)
-    for c in classes:
-        (root / c).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            h, w = rng.integers(24, 80, size=2)
-            arr = (rng.random((h, w, 3)) * 255).astype("uint8")
-            Image.fromarray(arr).save(root / c / f"{c}_{i:04d}.jpg", quality=85)
+    """root/<class>/*.jpg: real JPEGs of varied sizes; with ``bad``, broken and odd files in dog/."""
+    make_image_folder(root, classes, per_class, seed)
     if bad:
-        good = (root / classes[0] / f"{classes[0]}_0000.jpg").read_bytes()
-        (root / classes[1] / "truncated.jpg").write_bytes(good[: len(good) // 2])
-        (root / classes[1] / "empty.jpg").write_bytes(b"")
-        (root / classes[1] / "noise.jpg").write_bytes(rng.bytes(500))
-        buf = io.BytesIO()
-        Image.fromarray((rng.random((30, 30, 3)) * 255).astype("uint8")).save(buf, format="PNG")
-        (root / classes[2] / "png_named.jpg").write_bytes(buf.getvalue())
-        Image.fromarray((rng.random((30, 30)) * 255).astype("uint8")).save(root / classes[2] / "gray.jpg")
-        Image.fromarray((rng.random((30, 30, 3)) * 255).astype("uint8")).convert("CMYK").save(
-            root / classes[3] / "cmyk.jpg")
+        make_bad_images(root / classes[1], seed)
     return root
 
 
@@ -109,9 +95,10 @@ def test_bad_images_are_converted_or_rejected_and_reported(tmp_path, capsys):
     manifest = json.loads((tmp_path / "out/train/manifest.json").read_text())
     rejected = {r["key"]: r["reason"] for r in manifest["rejects"]}
     converted = {c["key"]: c["reason"] for c in manifest["converted"]}
-    assert set(rejected) == {"truncated", "empty", "noise"}
+    assert set(rejected) == {"truncated", "empty", "random"}
     assert "truncated" in rejected["truncated"] and "empty" in rejected["empty"]
     assert set(converted) == {"png_named", "gray", "cmyk"}
+    assert "CMYK" in converted["cmyk"] and "PNG" in converted["png_named"]
     assert manifest["num_samples"] == 48 + 3
     samples, _ = read_shards(tmp_path / "out/train")
     for key in converted:
@@ -119,6 +106,22 @@ def test_bad_images_are_converted_or_rejected_and_reported(tmp_path, capsys):
         assert img.format == "JPEG" and img.mode == "RGB"
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["splits"][0]["rejected"] == 3 and summary["splits"][0]["converted"] == 3
+
+
+def test_imagenet_archives_and_extracted_tree_give_identical_shards(tmp_path):
+    make_imagenet_tree(tmp_path / "tree", per_class=6, val_per_class=3, labels="devkit")
+    make_imagenet_archives(tmp_path / "arch", per_class=6, val_per_class=3, labels="devkit-tar")
+    for form in ("tree", "arch"):
+        assert run_cli("imagenet", tmp_path / form, tmp_path / f"out-{form}", "--shard-samples", 5) == 0
+    for split in ("train", "val"):
+        assert shard_hashes(tmp_path / f"out-tree/{split}") == shard_hashes(tmp_path / f"out-arch/{split}")
+    manifest = json.loads((tmp_path / "out-arch/val/manifest.json").read_text())
+    samples, _ = read_shards(tmp_path / "out-arch/train")
+    train_manifest = json.loads((tmp_path / "out-arch/train/manifest.json").read_text())
+    assert manifest["classes"] == train_manifest["classes"] == sorted(train_manifest["classes"])
+    for key, (label, _) in samples.items():  # train keys are <wnid>_<n>: label = sorted wnid position
+        assert train_manifest["classes"][label] == key.split("_")[0]
+    assert manifest["num_samples"] == 3 * len(manifest["classes"])
 
 
 def test_two_workers_plus_finalize_equal_one_worker(tmp_path):
