@@ -24,6 +24,35 @@ class Checked:
     reason: str = ""
 
 
+def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
+    """(components, width, height) from a JPEG's start-of-frame marker, None if the marker walk
+    fails. Header-only and ~25x cheaper than PIL's Image.open (which parses every segment
+    into Python objects): 2,000 x 75 KB photos, 7 us vs 180 us each (benchmarks/prep.py)."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if 0xD0 <= marker <= 0xD8 or marker == 0x01:  # markers without a length
+            i += 2
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOF0..SOF15
+            if i + 10 > n:
+                return None
+            height = int.from_bytes(data[i + 5:i + 7], "big")
+            width = int.from_bytes(data[i + 7:i + 9], "big")
+            return data[i + 9], width, height
+        if marker in (0xDA, 0xD9):  # scan or end before any frame: broken
+            return None
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
 def _encode(img: Image.Image, quality: int) -> bytes:
     buf = io.BytesIO()
     img.convert("RGB").save(buf, format="JPEG", quality=quality, optimize=False)
@@ -37,6 +66,11 @@ def check_image(data: bytes, validate: str = "header", max_size: int | None = No
     exceeds it, resized to that side, at ``quality``."""
     if not data:
         return Checked(None, "rejected", "empty file")
+    if validate == "header":  # fast path: a 3-component JPEG (PIL mode RGB) that ends properly
+        frame = jpeg_frame(data)
+        if (frame and frame[0] == 3 and 0 < frame[1] * frame[2] <= Image.MAX_IMAGE_PIXELS
+                and not (max_size and max(frame[1:]) > max_size) and b"\xff\xd9" in data[-4096:]):
+            return Checked(data, "ok")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
