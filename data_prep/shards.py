@@ -37,7 +37,8 @@ def tar_member(name: str, data: bytes) -> bytes:
 
     Packed by hand rather than through tarfile.addfile: tarfile deep-copies the TarInfo and
     writes in small pieces; this halves the per-sample cost of sharding (2,000 JPEGs of 75 KB:
-    0.72 s -> 0.41 s together with the JPEG fast path). Names over 100 bytes fall back to tarfile's GNU long-name form.
+    0.72 s -> 0.41 s together with the JPEG fast path). Names over 100 bytes fall back to
+    tarfile's GNU long-name form.
     """
     encoded = name.encode()
     if len(encoded) > 100:
