@@ -201,6 +201,16 @@ def test_bad_input_gives_one_clear_line(tmp_path, capsys, args, message):
     assert len(err) == 1 and err[0].startswith("crossmae-prep: error:") and message in err[0]
 
 
+@pytest.mark.parametrize("args", [["folder", "SRC", "OUT", "--format", "tiff"], ["resize"],
+                                  ["folder", "SRC", "OUT", "--shard-bytes", "lots"]])
+def test_bad_arguments_give_one_line_and_exit_2(tmp_path, capsys, args):
+    with pytest.raises(SystemExit) as e:
+        main([a.replace("SRC", str(tmp_path)).replace("OUT", str(tmp_path / "o")) for a in args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("crossmae-prep")
+
+
 def test_unwritable_destination_and_bad_credentials(tmp_path, capsys, s3_env, monkeypatch):
     src = make_folder(tmp_path / "src", per_class=2)
     blocker = tmp_path / "file"
