@@ -1,0 +1,196 @@
+"""The sample order of an epoch and who reads which part of it: pure arithmetic, no I/O.
+
+Global order G of epoch e (a function of the shard list, seed and epoch, never of the
+number of ranks or workers):
+  1. the shards are permuted with rng(seed, e) and concatenated into one stream S of N
+     samples (each shard in its tar order: shards are globally shuffled by data prep);
+  2. S is cut into blocks of ``block_size`` consecutive samples and every block is permuted
+     with rng(seed, e, block): G = perm_0(block_0) + perm_1(block_1) + ...
+
+Partition: what is left of the epoch (a list of half-open intervals of G, initially [0, N))
+is laid end to end and cut into ``world_size`` contiguous, equal ranges; each rank keeps a
+whole number of batches, the same number on every rank (``drop``: the shortest rank's
+floor; the dropped tail is not carried to the next epoch, like DistributedSampler), and
+cuts them into contiguous runs, one per DataLoader worker.
+
+Exact resume: after every rank consumed ``n`` batches, the consumed part of G is computable
+on any rank from (remaining intervals, world size, workers, batch size, n); the new remaining
+intervals are the state. A restart with another world size or worker count cuts that
+remainder anew: no sample is repeated or skipped.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import numpy as np
+
+Interval = tuple[int, int]  # [start, stop) positions in G
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in key]))
+
+
+@dataclass(frozen=True)
+class EpochOrder:
+    """Maps positions of G to (shard index, sample index inside the shard)."""
+
+    shard_counts: tuple[int, ...]
+    seed: int
+    epoch: int
+    block_size: int = 1024
+
+    def __post_init__(self):
+        order = _rng(self.seed, self.epoch).permutation(len(self.shard_counts))
+        object.__setattr__(self, "shard_order", tuple(int(i) for i in order))
+        starts = np.concatenate([[0], np.cumsum([self.shard_counts[i] for i in order])])
+        object.__setattr__(self, "_starts", tuple(int(s) for s in starts))
+
+    @property
+    def num_samples(self) -> int:
+        return self._starts[-1]
+
+    def block_permutation(self, block: int) -> np.ndarray:
+        start = block * self.block_size
+        size = min(self.block_size, self.num_samples - start)
+        return _rng(self.seed, self.epoch, 1 + block).permutation(size)
+
+    def stream_position(self, g: int) -> int:
+        """Position in the shard stream S of the sample at position g of G."""
+        block, offset = divmod(g, self.block_size)
+        return block * self.block_size + int(self.block_permutation(block)[offset])
+
+    def locate(self, s: int) -> tuple[int, int]:
+        """(shard index in the manifest, sample index in that shard) of stream position s."""
+        k = bisect.bisect_right(self._starts, s) - 1
+        return self.shard_order[k], s - self._starts[k]
+
+    def sample(self, g: int) -> tuple[int, int]:
+        return self.locate(self.stream_position(g))
+
+
+def total(intervals: list[Interval]) -> int:
+    return sum(b - a for a, b in intervals)
+
+
+def cut(intervals: list[Interval], start: int, stop: int) -> list[Interval]:
+    """The part [start, stop) of the intervals laid end to end, as intervals of G."""
+    out, pos = [], 0
+    for a, b in intervals:
+        lo, hi = max(a, a + start - pos), min(b, a + stop - pos)
+        if lo < hi:
+            out.append((lo, hi))
+        pos += b - a
+        if pos >= stop:
+            break
+    return out
+
+
+def subtract(intervals: list[Interval], taken: list[Interval]) -> list[Interval]:
+    """intervals minus taken (both sorted, taken inside intervals)."""
+    out, taken = [], sorted(taken)
+    for a, b in intervals:
+        cur = a
+        for ta, tb in taken:
+            if tb <= cur or ta >= b:
+                continue
+            if ta > cur:
+                out.append((cur, ta))
+            cur = max(cur, tb)
+        if cur < b:
+            out.append((cur, b))
+    return out
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Who reads what of the remaining intervals, for one world size / worker count / batch size.
+
+    Rank r owns a contiguous range of the remainder; its N batches are cut into ``num_workers``
+    contiguous runs (worker w: q_w = N // nw (+1 for w < N % nw) batches), so every worker
+    streams one contiguous stretch of shards. PyTorch's DataLoader delivers worker batches
+    round-robin (skipping exhausted workers), so the rank's i-th delivered batch is batch
+    i // nw of worker i % nw while every worker has batches, then the extra ones in worker order.
+    """
+
+    remaining: tuple[Interval, ...]
+    world_size: int
+    num_workers: int
+    batch_size: int
+    drop_last: bool = True  # False: pad short ranks by repeating their own first samples
+
+    @property
+    def rank_lengths(self) -> list[int]:
+        n, w = total(list(self.remaining)), self.world_size
+        return [n // w + (1 if r < n % w else 0) for r in range(w)]
+
+    @property
+    def batches_per_rank(self) -> int:
+        lengths = self.rank_lengths
+        if self.drop_last:
+            return min(lengths) // self.batch_size
+        return -(-max(lengths) // self.batch_size)
+
+    def worker_quota(self, worker: int) -> int:
+        n, nw = self.batches_per_rank, self.num_workers
+        return n // nw + (1 if worker < n % nw else 0)
+
+    def rank_range(self, rank: int) -> tuple[int, int]:
+        lengths = self.rank_lengths
+        start = sum(lengths[:rank])
+        return start, start + lengths[rank]
+
+    def _batch(self, rank: int, index: int) -> list[Interval]:
+        """The G intervals of the rank's batch number ``index`` (in worker-chunk order)."""
+        start, stop = self.rank_range(rank)
+        rem = list(self.remaining)
+        lo, hi = start + index * self.batch_size, start + (index + 1) * self.batch_size
+        batch = cut(rem, lo, min(hi, stop))
+        short = (hi - lo) - total(batch)
+        if short > 0:  # pad mode: wrap around to the rank's first samples
+            batch += cut(rem, start, start + short)
+        return batch
+
+    def worker_batches(self, rank: int, worker: int) -> list[list[Interval]]:
+        """The batches worker ``worker`` of ``rank`` yields, in order (one contiguous run)."""
+        first = sum(self.worker_quota(v) for v in range(worker))
+        return [self._batch(rank, first + j) for j in range(self.worker_quota(worker))]
+
+    def delivered_per_worker(self, batches_done: int) -> list[int]:
+        """How many batches each worker has delivered after the rank delivered ``batches_done``."""
+        nw = self.num_workers
+        q_min = self.batches_per_rank // nw
+        full = min(batches_done, nw * q_min)
+        counts = [full // nw + (1 if w < full % nw else 0) for w in range(nw)]
+        for w in range(batches_done - full):  # the extra batches, in worker order
+            counts[w] += 1
+        return counts
+
+    def consumed(self, batches_done: int) -> list[Interval]:
+        """The part of G consumed once every rank has delivered ``batches_done`` batches."""
+        taken = []
+        for r in range(self.world_size):
+            first = 0
+            for w, done in enumerate(self.delivered_per_worker(batches_done)):
+                for j in range(done):
+                    taken += self._batch(r, first + j)
+                first += self.worker_quota(w)
+        return merge(taken)
+
+    def remaining_after(self, batches_done: int) -> list[Interval]:
+        """The state to checkpoint. At the end of the epoch (all batches done) it is empty:
+        samples dropped by ``drop_last`` are not carried over."""
+        if batches_done >= self.batches_per_rank:
+            return []
+        return subtract(list(self.remaining), self.consumed(batches_done))
+
+
+def merge(intervals: list[Interval]) -> list[Interval]:
+    out: list[Interval] = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
