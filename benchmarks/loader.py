@@ -1,0 +1,100 @@
+"""The streaming loader end to end on ONE worker process, every row on the same images in one run.
+
+    OMP_NUM_THREADS=1 python benchmarks/loader.py --images 1000 --rounds 2 [--json out.json]
+
+(a) reference full-decode pipeline and (e) the common pipeline (webdataset decode('pil') +
+torchvision v2 RRC), both on in-memory bytes; (f) decode only; (b) this loader
+(pipelines.wds_loader, num_workers=0: the loop runs in this process) from local shards written
+by crossmae-prep; (c) the same from a SeaweedFS S3 server on loopback; (d) FFCV on a .beton of
+the same images. Targets: (b) >= 1.7x (e) and >= 1.0x (d); (c) >= 0.9x (b).
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import pathlib  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.transforms import ffcv_epoch_runner, make_jpegs, pipelines  # noqa: E402
+from data_prep.cli import main as prep  # noqa: E402
+from pipelines import storage  # noqa: E402
+from pipelines.transforms import MAETrainTransform  # noqa: E402
+from pipelines.wds_loader import StreamingLoader  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def loader_runner(manifest: str, n: int):
+    ld = StreamingLoader.from_manifest(manifest, batch_size=64, transform=MAETrainTransform(224), num_workers=0,
+                                       drop_last=False)
+
+    def run():
+        count = sum(len(b["label"]) for b in ld)
+        assert count >= n, count
+
+    return run
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=1000)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    jpegs = make_jpegs(args.images)
+    runs = pipelines(jpegs)
+    with tempfile.TemporaryDirectory(prefix="loader-bench-") as work:
+        work = pathlib.Path(work)
+        for i, d in enumerate(jpegs):
+            (work / "src" / f"c{i % 10}").mkdir(parents=True, exist_ok=True)
+            (work / "src" / f"c{i % 10}" / f"img{i:05d}.jpg").write_bytes(d)
+        assert prep(["folder", str(work / "src"), str(work / "wds"), "--shard-bytes", "16MB"]) == 0
+        local = str(work / "wds/train/manifest.json")
+        runs["(b) this loader, local shards"] = loader_runner(local, len(jpegs))
+        from tests.s3_server import seaweedfs_server
+
+        with seaweedfs_server() as srv:
+            os.environ.update(srv.env())
+            bucket = srv.create_bucket("bench")
+            for p in sorted((work / "wds/train").iterdir()):
+                if p.is_file():
+                    storage.write_bytes(f"s3://{bucket}/train/{p.name}", p.read_bytes())
+            runs["(c) this loader, S3 loopback"] = loader_runner(f"s3://{bucket}/train/manifest.json", len(jpegs))
+            ff = ffcv_epoch_runner(jpegs, str(work))
+            if ff is not None:
+                runs["(d) FFCV RRC decoder (.beton)"] = ff[0]
+            for fn in runs.values():
+                fn()  # warm-up
+            best = {k: float("inf") for k in runs}
+            for r in range(args.rounds):
+                for k, fn in runs.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    best[k] = min(best[k], time.perf_counter() - t0)
+    rate = {k: len(jpegs) / s for k, s in best.items()}
+    dec, common, b = rate["(f) decode only (simplejpeg)"], rate["(e) common: wds decode('pil') + v2 RRC"], \
+        rate["(b) this loader, local shards"]
+    print("| pipeline | img/s | vs decode only | vs (e) |\n|---|---|---|---|")
+    for k, v in rate.items():
+        print(f"| {k} | {v:,.0f} | {v / dec:.2f}x | {v / common:.2f}x |")
+    print(f"\n(b) vs (e): {b / common:.2f}x (target >= 1.7x); (c) vs (b): "
+          f"{rate['(c) this loader, S3 loopback'] / b:.2f}x (target >= 0.9x)")
+    if "(d) FFCV RRC decoder (.beton)" in rate:
+        print(f"(b) vs (d) FFCV: {b / rate['(d) FFCV RRC decoder (.beton)']:.2f}x (target >= 1.0x)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(images=len(jpegs), rounds=args.rounds, img_per_s=rate), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""The streaming loader over real shards written by crossmae-prep, local and on S3."""
+import io
+import itertools
+import pathlib
+import tarfile
+
+import pytest
+import torch
+
+from data_prep.cli import main as prep
+from pipelines.transforms import MAETrainTransform
+from pipelines.wds_loader import StreamingLoader
+from tests.data_prep.fixtures import make_image_folder
+
+N = 150  # 3 classes x 50
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("wds")
+    make_image_folder(root / "src", ("ant", "bee", "cow"), per_class=50)
+    assert prep(["folder", str(root / "src"), str(root / "out"), "--shard-samples", "16"]) == 0
+    return root / "out/train/manifest.json"
+
+
+def loader(manifest, **kw):
+    args = dict(batch_size=8, transform=MAETrainTransform(32), num_workers=0, block_size=32, seed=5)
+    args.update(kw)
+    return StreamingLoader.from_manifest(str(manifest), **args)
+
+
+def take(ld, n=None):
+    out = []
+    for batch in itertools.islice(iter(ld), n):
+        out.append(batch)
+    return out
+
+
+def keys_of(batches):
+    return [k for b in batches for k in b["key"]]
+
+
+def test_every_rank_gets_the_same_number_of_full_batches_and_no_sample_twice(shards):
+    world = 3
+    per_rank = [take(loader(shards, rank=r, world_size=world, num_workers=2)) for r in range(world)]
+    assert len({len(b) for b in per_rank}) == 1 and len(per_rank[0]) == len(loader(shards, world_size=world))
+    assert all(b["image"].shape == (8, 3, 32, 32) and b["image"].dtype == torch.uint8 for r in per_rank for b in r)
+    seen = [k for r in per_rank for k in keys_of(r)]
+    assert len(seen) == len(set(seen)) and N - len(seen) < world * 8
+    for r in per_rank:  # labels agree with the class in the key
+        for b in r:
+            assert [("ant", "bee", "cow")[lab] for lab in b["label"].tolist()] == [k.split("_")[0] for k in b["key"]]
+
+
+def test_order_and_augmentation_do_not_depend_on_the_number_of_workers(shards):
+    def by_index(batches):
+        return {int(i): (k, img) for b in batches for i, k, img in zip(b["index"], b["key"], b["image"])}
+
+    one, three = by_index(take(loader(shards, num_workers=0))), by_index(take(loader(shards, num_workers=3)))
+    assert one.keys() == three.keys()
+    for i in one:
+        assert one[i][0] == three[i][0] and torch.equal(one[i][1], three[i][1])
+
+
+def test_epochs_reshuffle(shards):
+    ld = loader(shards)
+    first, second = keys_of(take(ld)), keys_of(take(ld))
+    assert len(set(first) & set(second)) >= N - 2 * 8 and first != second and ld.epoch == 2
+
+
+@pytest.mark.parametrize("world,workers,world2,workers2", [(2, 2, 2, 2), (2, 2, 3, 1), (1, 3, 2, 0)])
+def test_resume_mid_epoch_yields_unseen_samples_only(shards, world, workers, world2, workers2):
+    stop = 3
+    before, states = [], []
+    for r in range(world):
+        ld = loader(shards, rank=r, world_size=world, num_workers=workers)
+        it = iter(ld)
+        before += keys_of([next(it) for _ in range(stop)])
+        states.append(ld.state_dict())
+        del it
+    assert all(s == states[0] for s in states), "every rank computes the same global state"
+    after = []
+    for r in range(world2):
+        ld = loader(shards, rank=r, world_size=world2, num_workers=workers2)
+        ld.load_state_dict(states[0])
+        after += keys_of(take(ld))
+    both = before + after
+    assert len(both) == len(set(both)), "a sample was repeated after the restart"
+    assert N - len(both) < world2 * 8, "more than the last partial batches went unseen"
+    if (world, workers) == (world2, workers2):  # same shape: the very same batches as without a restart
+        full = []
+        for r in range(world):
+            full += keys_of(take(loader(shards, rank=r, world_size=world, num_workers=workers)))
+        assert sorted(full) == sorted(both)
+
+
+def test_streams_from_s3(shards, s3_bucket):
+    from pipelines import storage
+
+    base = f"s3://{s3_bucket}/wds/train"
+    for p in sorted(pathlib.Path(shards).parent.iterdir()):
+        if p.is_file():
+            storage.write_bytes(f"{base}/{p.name}", p.read_bytes())
+    local, remote = take(loader(shards, num_workers=2)), take(loader(f"{base}/manifest.json", num_workers=2))
+    assert keys_of(local) == keys_of(remote)
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(local, remote))
+
+
+def test_corrupt_and_missing_samples_are_replaced_and_counted(shards, tmp_path):
+    out = tmp_path / "train"
+    out.mkdir()
+    for p in pathlib.Path(shards).parent.iterdir():
+        if p.is_file():
+            (out / p.name).write_bytes(p.read_bytes())
+    victim = out / "train-000001.tar"
+    with tarfile.open(victim) as tar:  # garble one image in place (same length: the tar stays valid)
+        member = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+    data = bytearray(victim.read_bytes())
+    data[member.offset_data:member.offset_data + member.size] = b"\x00" * member.size
+    victim.write_bytes(bytes(data))
+    short = out / "train-000003.tar"  # cut the last samples off another shard
+    with tarfile.open(short) as tar:
+        cut_at = [m for m in tar.getmembers() if m.name.endswith(".jpg")][-2].offset
+    short.write_bytes(short.read_bytes()[:cut_at] + b"\0" * 1024)
+    ld = loader(out / "manifest.json", drop_last=False)
+    batches = take(ld)
+    assert all(len(b["key"]) == 8 for b in batches)
+    assert ld.stats["missing"] == 2 and sum(v for k, v in ld.stats.items() if k not in ("missing", "samples")) == 1
+    assert member.name.split(".")[0] not in keys_of(batches)
+
+
+def test_local_shard_cache_serves_later_epochs_and_evicts_least_recently_used(shards, s3_bucket, tmp_path):
+    import os
+
+    from pipelines import storage
+    from pipelines.shard_cache import ShardCache
+
+    base = f"s3://{s3_bucket}/cached/train"
+    files = {p.name: p.read_bytes() for p in pathlib.Path(shards).parent.iterdir() if p.is_file()}
+    for name, data in files.items():
+        storage.write_bytes(f"{base}/{name}", data)
+    shard_bytes = max(len(d) for n, d in files.items() if n.endswith(".tar"))
+    ld = loader(f"{base}/manifest.json", cache_dir=str(tmp_path / "c"), cache_bytes=100 * shard_bytes)
+    first = keys_of(take(ld))
+    cached = sorted(os.listdir(tmp_path / "c"))
+    assert len(cached) == sum(n.endswith(".tar") for n in files)
+    for name in list(files):
+        if name.endswith(".tar"):
+            storage.delete(f"{base}/{name}")  # the next epoch must come from the cache alone
+    second = keys_of(take(ld))
+    assert sorted(set(first) | set(second)) and len(second) == len(first)
+    cache = ShardCache(str(tmp_path / "c"), max_bytes=3 * shard_bytes)
+    oldest = min(cached, key=lambda n: os.path.getmtime(tmp_path / "c" / n))
+    assert cache.evict() > 0
+    left = os.listdir(tmp_path / "c")
+    assert len(left) <= 3 and oldest not in left
