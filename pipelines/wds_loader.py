@@ -24,6 +24,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
+from braceexpand import braceexpand
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
@@ -46,6 +47,24 @@ class ShardList:
         base = manifest_url.rsplit("/", 1)[0]
         return cls(tuple(storage.join(base, s["name"]) for s in m["shards"]),
                    tuple(int(s["num_samples"]) for s in m["shards"]))
+
+
+    @classmethod
+    def from_pattern(cls, pattern: str) -> "ShardList":
+        """Any WebDataset shards named by a brace pattern (``s3://b/train-{000000..000099}.tar``).
+        Without a manifest the sample counts are unknown: each shard is streamed once to count
+        its samples (write a manifest with crossmae-prep to skip this)."""
+        urls = tuple(braceexpand(pattern))
+        counts = []
+        for url in urls:
+            with storage.open_read(url) as f:
+                counts.append(sum(1 for _ in group_by_keys(dict(m, __url__=url) for m in tar_file_iterator(f))))
+        return cls(urls, tuple(counts))
+
+    @classmethod
+    def from_spec(cls, spec: str) -> "ShardList":
+        """A manifest URL (``.../manifest.json``) or a brace pattern of tar URLs."""
+        return cls.from_manifest(spec) if spec.endswith(".json") else cls.from_pattern(spec)
 
 
 class _ShardCursor:
@@ -151,7 +170,8 @@ class StreamingLoader:
 
     @classmethod
     def from_manifest(cls, manifest_url: str, **kw) -> "StreamingLoader":
-        return cls(ShardList.from_manifest(manifest_url), **kw)
+        """``manifest_url``: a data-prep manifest, or a brace pattern of any WebDataset tars."""
+        return cls(ShardList.from_spec(manifest_url), **kw)
 
     @property
     def num_samples(self) -> int:

@@ -154,3 +154,11 @@ def test_local_shard_cache_serves_later_epochs_and_evicts_least_recently_used(sh
     assert cache.evict() > 0
     left = os.listdir(tmp_path / "c")
     assert len(left) <= 3 and oldest not in left
+
+
+def test_any_webdataset_shards_by_brace_pattern(shards):
+    base = pathlib.Path(shards).parent
+    n = len(list(base.glob("*.tar")))
+    pattern = str(base / f"train-{{000000..{n - 1:06d}}}.tar")
+    by_manifest, by_pattern = take(loader(shards)), take(loader(pattern))
+    assert keys_of(by_manifest) == keys_of(by_pattern)
