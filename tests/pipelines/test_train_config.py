@@ -1,0 +1,82 @@
+"""Config loading, derived quantities, the DeepSpeed JSON (checked by DeepSpeed's own parser),
+parameter groups and the schedule."""
+import math
+
+import pytest
+import torch
+
+from crossmae import create_model
+from pipelines.config import ConfigError, load
+from pipelines.optim import lr_at, param_groups
+from pipelines.train_config import PretrainConfig, deepspeed_config
+
+
+def test_yaml_then_overrides_with_types(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  preset: crossmae_vit_micro_patch4_dec64d2b\noptim:\n  epochs: 10\n")
+    cfg = load(PretrainConfig, str(path), ["optim.blr=1e-4", "deepspeed.zero_stage=3", "optim.betas=[0.9, 0.99]",
+                                          "run.max_steps=5", "model.grad_checkpointing=true"])
+    assert cfg.model.preset == "crossmae_vit_micro_patch4_dec64d2b" and cfg.optim.epochs == 10
+    assert cfg.optim.blr == 1e-4 and cfg.deepspeed.zero_stage == 3 and cfg.optim.betas == (0.9, 0.99)
+    assert cfg.run.max_steps == 5 and cfg.model.grad_checkpointing is True
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.bl=1e-4", "unknown config key optim.bl"),
+    ("optimizer.blr=1", "unknown config key optimizer"),
+    ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
+    ("optim.epochs=ten", "optim.epochs: expected int"),
+    ("run.seed", "not key=value"),
+])
+def test_bad_config_is_one_clear_error(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load(PretrainConfig, None, [override])
+
+
+def test_learning_rate_scaling_follows_the_released_code():
+    cfg = load(PretrainConfig, None, ["deepspeed.micro_batch=128"])  # 128 x 32 ranks = 4096
+    assert cfg.effective_batch(32) == 4096
+    assert cfg.learning_rate(32) == pytest.approx(1.5e-4 * 16 * 0.25 / 0.75)  # 8e-4
+    mae = load(PretrainConfig, None, ["deepspeed.micro_batch=128", "model.preset=mae_vit_base_patch16_dec512d8b"])
+    assert mae.learning_rate(32) == pytest.approx(2.4e-3)
+    d = cfg.derived(num_samples=1_281_167, world_size=32)
+    assert d["steps_per_epoch"] == 312 and d["warmup_steps"] == 40 * 312 and d["total_steps"] == 800 * 312
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("on_gpu", [False, True])
+def test_deepspeed_accepts_the_derived_config(stage, on_gpu):
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    cfg = load(PretrainConfig, None, [f"deepspeed.zero_stage={stage}", "deepspeed.micro_batch=8",
+                                      "deepspeed.grad_accum=2", "optim.gradient_clipping=1.0"])
+    assert deepspeed_config(cfg, world_size=4, on_gpu=on_gpu)["train_batch_size"] == 8 * 2 * 4
+    # DeepSpeed's own parser (outside a distributed job it assumes one rank)
+    ds = deepspeed_config(cfg, world_size=1, on_gpu=on_gpu)
+    parsed = DeepSpeedConfig(ds)
+    assert parsed.train_batch_size == 16 and parsed.gradient_accumulation_steps == 2
+    assert parsed.zero_optimization_stage == stage and parsed.gradient_clipping == 1.0
+    assert parsed.bfloat16_config.enabled is on_gpu
+    with pytest.raises(AssertionError):  # and it does check: a wrong batch product is refused
+        DeepSpeedConfig(dict(ds, train_batch_size=63))
+
+
+def test_weight_decay_skips_biases_norms_and_tokens():
+    model = create_model("crossmae_vit_micro_patch4_dec64d2b")
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.ndim >= 2 for p in decay["params"])
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert "encoder.cls_token" in skipped and "decoder.mask_token" in skipped
+    assert "encoder.blocks.0.norm1.weight" in skipped and "encoder.blocks.0.attn.qkv.bias" in skipped
+    assert "decoder.feature_fusion.weight" not in skipped  # a 2-D matrix: decayed
+    assert len(decay["params"]) + len(no_decay["params"]) == sum(p.requires_grad for p in model.parameters())
+
+
+def test_schedule_warms_up_linearly_then_half_cosine():
+    assert lr_at(0, 1.0, 10, 110) == 0.0 and lr_at(5, 1.0, 10, 110) == 0.5
+    assert lr_at(10, 1.0, 10, 110) == 1.0
+    assert lr_at(60, 1.0, 10, 110) == pytest.approx(0.5)
+    assert lr_at(110, 1.0, 10, 110, min_lr=0.1) == pytest.approx(0.1)
+    values = [lr_at(s, 1.0, 10, 110) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
