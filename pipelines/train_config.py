@@ -63,6 +63,7 @@ class RunSection:
     log_every: int = 20
     recon_every: int = 500
     max_steps: int | None = None  # stop early (tests, demos)
+    log_keys: bool = False  # write every rank's sample keys per step (tests: exact-resume proofs)
 
 
 @dataclass
