@@ -85,8 +85,8 @@ def train(cfg: PretrainConfig, resume: str = "auto") -> dict:
     precision = resolve_precision(cfg, on_gpu)
 
     out = cfg.run.output
+    os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)  # every rank: none may wait on rank 0
     if rank == 0:
-        os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
         with open(os.path.join(out, "config.yaml"), "w") as f:
             yaml.safe_dump(config_loader.to_dict(cfg), f, sort_keys=False)
         with open(os.path.join(out, "deepspeed.json"), "w") as f:
