@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import sys
 import time
@@ -25,7 +26,9 @@ import yaml
 
 from crossmae import MaskedAutoencoder
 
+from . import checkpoints as ckpt
 from . import config as config_loader
+from . import storage
 from .optim import build_optimizer, lr_at, set_lr
 from .train_config import PretrainConfig, deepspeed_config, resolve_precision
 from .transforms import MAETrainTransform, normalize_batch
@@ -93,8 +96,8 @@ def train(cfg: PretrainConfig, resume: str = "auto") -> dict:
             json.dump(dict(ds_config, derived=derived), f, indent=1)
 
     step = 0
-    if resume == "auto" and checkpoints(out):
-        tag = checkpoints(out)[-1]
+    tag = resume_tag(cfg, rank) if resume == "auto" else None
+    if tag:
         _, client = engine.load_checkpoint(os.path.join(out, "checkpoints"), tag)
         step = client["step"]
         loader.load_state_dict(client["loader"])
@@ -134,24 +137,53 @@ def train(cfg: PretrainConfig, resume: str = "auto") -> dict:
             metrics.flush()
             t_last, data_wait = now, 0.0
         if step % cfg.run.save_every == 0 or step == derived["max_steps"]:
-            save(engine, out, step, loader, rank)
+            save(engine, cfg, step, loader, rank)
     for f in (metrics, keys_log):
         if f:
             f.close()
     return dict(step=step, rank=rank, world_size=world)
 
 
-def save(engine, out: str, step: int, loader, rank: int) -> None:
-    """DeepSpeed checkpoint + client state; COMPLETE is written only after every rank saved."""
+def save(engine, cfg: PretrainConfig, step: int, loader, rank: int) -> None:
+    """DeepSpeed checkpoint + client state, then (with ``run.store``) a mirror in the store.
+    COMPLETE (local) and ``latest`` (store) are written only after every rank's files are in."""
     import deepspeed.comm as dist
 
-    tag = f"step{step:08d}"
+    out, store, tag = cfg.run.output, cfg.run.store, f"step{step:08d}"
     root = os.path.join(out, "checkpoints")
     engine.save_checkpoint(root, tag=tag, client_state=dict(step=step, loader=loader.state_dict()))
     dist.barrier()
+    if store:
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # one uploader per node: its ranks' files
+            ckpt.upload(root, tag, store)
+        dist.barrier()
     if rank == 0:
         with open(os.path.join(root, tag, "COMPLETE"), "w") as f:
             f.write(str(step))
+        steps = {t: int(t[4:]) for t in checkpoints(out)}
+        for old in ckpt.tags_to_delete(list(steps), steps, cfg.run.keep_last, cfg.run.keep_every):
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+        if store:
+            ckpt.publish(store, tag, step, ckpt.files(os.path.join(root, tag)))
+            prefix = storage.join(store, "checkpoints") + "/"
+            tags = {u[len(prefix):].split("/")[0] for u, _ in storage.list_objects(prefix) if u.endswith("/COMPLETE")}
+            ckpt.prune(store, {t: int(t[4:]) for t in tags}, cfg.run.keep_last, cfg.run.keep_every)
+    dist.barrier()
+
+
+def resume_tag(cfg: PretrainConfig, rank: int) -> str | None:
+    """The newest complete checkpoint, local or in the store (downloaded when only there)."""
+    import deepspeed.comm as dist
+
+    local = checkpoints(cfg.run.output)
+    best = local[-1] if local else None
+    remote = ckpt.latest(cfg.run.store) if cfg.run.store else None
+    if remote and (best is None or int(remote["tag"][4:]) > int(best[4:])):
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            ckpt.download(cfg.run.store, remote["tag"], os.path.join(cfg.run.output, "checkpoints"))
+        dist.barrier()
+        best = remote["tag"]
+    return best
 
 
 def main(argv: list[str] | None = None) -> int:

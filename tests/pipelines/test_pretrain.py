@@ -91,3 +91,21 @@ def test_bad_config_is_one_line_exit_2(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["crossmae-pretrain: error: unknown config key optim.bogus",
                    "crossmae-pretrain: error: data.train is not set (a manifest URL or shard pattern)"]
+
+
+def test_checkpoints_mirror_to_s3_prune_and_resume_from_the_store(manifest, tmp_path, s3_env, s3_bucket):
+    from pipelines import storage
+
+    store = f"s3://{s3_bucket}/runs/r1"
+    out = tmp_path / "run"
+    launch(manifest, out, "run.max_steps=4", "run.save_every=2", "run.keep_last=1", f"run.store={store}")
+    assert json.loads(storage.read_bytes(store + "/latest")) == {"tag": "step00000004", "step": 4}
+    tags = {u.split("/checkpoints/")[1].split("/")[0] for u, _ in storage.list_objects(store + "/checkpoints/")}
+    assert tags == {"step00000004"}, "keep_last=1 prunes the step-2 checkpoint in the store"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == ["step00000004"]
+    import shutil
+
+    shutil.rmtree(out)  # a fresh node: nothing local, everything in the store
+    proc = launch(manifest, out, "run.max_steps=6", "run.save_every=2", "run.keep_last=1", f"run.store={store}")
+    assert "resumed from step00000004 at step 4" in proc.stderr
+    assert json.loads(storage.read_bytes(store + "/latest"))["tag"] == "step00000006"
