@@ -21,6 +21,7 @@ remainder anew: no sample is repeated or skipped.
 from __future__ import annotations
 
 import bisect
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +31,14 @@ Interval = tuple[int, int]  # [start, stop) positions in G
 
 def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in key]))
+
+
+@functools.lru_cache(maxsize=64)
+def _block_permutation(seed: int, epoch: int, block: int, size: int) -> np.ndarray:
+    """Cached: the loader asks for one block's permutation once per sample it reads."""
+    perm = _rng(seed, epoch, 1 + block).permutation(size)
+    perm.flags.writeable = False
+    return perm
 
 
 @dataclass(frozen=True)
@@ -53,8 +62,7 @@ class EpochOrder:
 
     def block_permutation(self, block: int) -> np.ndarray:
         start = block * self.block_size
-        size = min(self.block_size, self.num_samples - start)
-        return _rng(self.seed, self.epoch, 1 + block).permutation(size)
+        return _block_permutation(self.seed, self.epoch, block, min(self.block_size, self.num_samples - start))
 
     def stream_position(self, g: int) -> int:
         """Position in the shard stream S of the sample at position g of G."""
