@@ -19,13 +19,12 @@ import json  # noqa: E402
 import pathlib  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 
 import torch  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.transforms import ffcv_epoch_runner, make_jpegs, pipelines  # noqa: E402
+from benchmarks.transforms import best_rates, ffcv_epoch_runner, make_jpegs, pipelines  # noqa: E402
 from data_prep.cli import main as prep  # noqa: E402
 from pipelines import storage  # noqa: E402
 from pipelines.transforms import MAETrainTransform  # noqa: E402
@@ -73,15 +72,7 @@ def main():
             ff = ffcv_epoch_runner(jpegs, str(work))
             if ff is not None:
                 runs["(d) FFCV RRC decoder (.beton)"] = ff[0]
-            for fn in runs.values():
-                fn()  # warm-up
-            best = {k: float("inf") for k in runs}
-            for r in range(args.rounds):
-                for k, fn in runs.items():
-                    t0 = time.perf_counter()
-                    fn()
-                    best[k] = min(best[k], time.perf_counter() - t0)
-    rate = {k: len(jpegs) / s for k, s in best.items()}
+            rate = best_rates(runs, len(jpegs), args.rounds)
     dec, common, b = rate["(f) decode only (simplejpeg)"], rate["(e) common: wds decode('pil') + v2 RRC"], \
         rate["(b) this loader, local shards"]
     print("| pipeline | img/s | vs decode only | vs (e) |\n|---|---|---|---|")

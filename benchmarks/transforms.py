@@ -120,6 +120,23 @@ def ffcv_epoch_runner(jpegs, workdir):
     return run, os.path.getsize(path)
 
 
+def best_rates(runs: dict, n: int, rounds: int) -> dict[str, float]:
+    """Images/s of each callable (each processes n images): one warm-up call each, then
+    `rounds` rounds alternating between them (noise hits all alike), best round per callable."""
+    for fn in runs.values():  # warm-up: imports, first-call allocations, numba compilation
+        fn()
+    best = {k: float("inf") for k in runs}
+    for r in range(rounds):
+        this = {}
+        for k, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            this[k] = time.perf_counter() - t0
+            best[k] = min(best[k], this[k])
+        print(f"round {r} img/s: " + ", ".join(f"{k[:3]} {n / this[k]:.0f}" for k in runs))
+    return {k: n / s for k, s in best.items()}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=1000)
@@ -135,18 +152,7 @@ def main():
         if ff is not None:
             runs["(d) FFCV RRC decoder (.beton)"] = ff[0]
             print(f".beton {ff[1] / 2**20:.1f} MiB")
-        for fn in runs.values():  # warm-up: imports, first-call allocations
-            fn()
-        best = {k: float("inf") for k in runs}
-        for r in range(args.rounds):
-            this = {}
-            for k, fn in runs.items():
-                t0 = time.perf_counter()
-                fn()
-                this[k] = time.perf_counter() - t0
-                best[k] = min(best[k], this[k])
-            print(f"round {r} img/s: " + ", ".join(f"{k[:3]} {len(jpegs) / this[k]:.0f}" for k in runs))
-    rate = {k: len(jpegs) / s for k, s in best.items()}
+        rate = best_rates(runs, len(jpegs), args.rounds)
     dec = rate["(f) decode only (simplejpeg)"]
     common = rate["(e) common: wds decode('pil') + v2 RRC"]
     print("\n| pipeline | img/s | us/img | vs decode only | vs (e) |\n|---|---|---|---|---|")

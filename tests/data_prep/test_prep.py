@@ -2,7 +2,6 @@
 import hashlib
 import io
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -10,7 +9,6 @@ import sys
 import tarfile
 import time
 
-import numpy as np
 import pytest
 from PIL import Image
 

@@ -4,7 +4,6 @@ equals an uninterrupted one (same sample keys per step, same parameters)."""
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 from data_prep.cli import main as prep
+from pipelines.pretrain import _free_port as free_port
 from tests.data_prep.fixtures import make_image_folder
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -25,16 +25,10 @@ def manifest(tmp_path_factory):
     return str(root / "wds/train/manifest.json")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def launch(manifest, out, *overrides, nproc=2):
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache/torch_extensions")))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", free_port(),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
            "-m", "pipelines.pretrain", "model.preset=crossmae_vit_micro_patch4_dec64d2b", f"data.train={manifest}",
            "data.image_size=32", "data.num_workers=1", "deepspeed.micro_batch=8", "deepspeed.zero_stage=2",
            "optim.lr=2e-3", "optim.warmup_epochs=0", "optim.epochs=4", f"run.output={out}", "run.log_every=1",

@@ -1,9 +1,7 @@
 """Config loading, derived quantities, the DeepSpeed JSON (checked by DeepSpeed's own parser),
 parameter groups and the schedule."""
-import math
 
 import pytest
-import torch
 
 from crossmae import create_model
 from pipelines.config import ConfigError, load

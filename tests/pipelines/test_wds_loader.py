@@ -1,5 +1,4 @@
 """The streaming loader over real shards written by crossmae-prep, local and on S3."""
-import io
 import itertools
 import pathlib
 import tarfile
