@@ -19,16 +19,20 @@ import os
 import shutil
 import socket
 import sys
+import threading
 import time
 
 import torch
 import yaml
 
 from crossmae import MaskedAutoencoder
+from crossmae.flops import flops_per_image
+from crossmae.visualize import reconstruction_grid
 
 from . import checkpoints as ckpt
 from . import config as config_loader
 from . import storage
+from .observe import Observer, code_version, peak_memory_gb, peak_tflops
 from .optim import build_optimizer, lr_at, set_lr
 from .train_config import PretrainConfig, deepspeed_config, resolve_precision
 from .transforms import MAETrainTransform, normalize_batch
@@ -67,8 +71,41 @@ def _noise(cfg: PretrainConfig, step: int, micro: int, rank: int, n: int, num_pa
     return torch.rand(n, num_patches, generator=g)
 
 
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def _injected_faults() -> dict[int, int]:
+    """Test-only fault injection: CROSSMAE_FAULT_NONFINITE="7:1,9:10" makes rank 0's loss NaN on
+    the first 1 (10) attempts of step 7 (9). Unset in real runs."""
+    spec = os.environ.get("CROSSMAE_FAULT_NONFINITE", "")
+    out = {}
+    for item in filter(None, spec.split(",")):
+        step, _, count = item.partition(":")
+        out[int(step)] = int(count or 1)
+    return out
+
+
+def _fixed_batch(cfg: PretrainConfig, device, dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The reconstruction grid's images (eval crop of the first samples of the epoch order) and
+    masking noise: the same on every rank and at every grid, so grids compare across steps."""
+    if not cfg.run.recon_every:
+        return None
+    from .loaders import EvalTransform
+
+    loader = StreamingLoader.from_manifest(cfg.data.train, batch_size=cfg.run.recon_images,
+                                           transform=EvalTransform(cfg.data.image_size), num_workers=0,
+                                           seed=cfg.run.seed, block_size=cfg.run.recon_images)
+    batch = next(iter(loader))
+    imgs = normalize_batch(batch["image"], device, dtype)
+    mc = cfg.model_config()
+    noise = torch.rand(imgs.shape[0], mc.num_patches, generator=torch.Generator().manual_seed(cfg.run.seed + 1))
+    return imgs, noise.to(device)
+
+
 def train(cfg: PretrainConfig, resume: str = "auto") -> dict:
     import deepspeed
+    import deepspeed.comm as dist
 
     on_gpu = torch.cuda.is_available()
     rank, world = init_distributed(on_gpu)
@@ -85,7 +122,10 @@ def train(cfg: PretrainConfig, resume: str = "auto") -> dict:
     ds_config = deepspeed_config(cfg, world, on_gpu)
     optimizer = build_optimizer(model.to(device), derived["lr"], cfg.optim.weight_decay, cfg.optim.betas)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if cfg.model.compile:
+        engine.compile()
     precision = resolve_precision(cfg, on_gpu)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
     out = cfg.run.output
     os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)  # every rank: none may wait on rank 0
@@ -94,6 +134,9 @@ def train(cfg: PretrainConfig, resume: str = "auto") -> dict:
             yaml.safe_dump(config_loader.to_dict(cfg), f, sort_keys=False)
         with open(os.path.join(out, "deepspeed.json"), "w") as f:
             json.dump(dict(ds_config, derived=derived), f, indent=1)
+        with open(os.path.join(out, "version.json"), "w") as f:
+            json.dump(dict(code_version(), world_size=world, precision=precision,
+                           device=torch.cuda.get_device_name() if on_gpu else "cpu"), f, indent=1)
 
     step = 0
     tag = resume_tag(cfg, rank) if resume == "auto" else None
@@ -109,80 +152,188 @@ def train(cfg: PretrainConfig, resume: str = "auto") -> dict:
             yield from loader
 
     stream = batches()
-    metrics = open(os.path.join(out, "metrics.jsonl"), "a") if rank == 0 else None
+    max_steps = derived["max_steps"]
+    obs = Observer(out, rank == 0, max_steps, step, cfg.run.tensorboard)
+    mirror = _Mirror(cfg, rank, world)
+    fixed = _fixed_batch(cfg, device, dtype)
     keys_log = open(os.path.join(out, f"keys-rank{rank}.jsonl"), "a") if cfg.run.log_keys else None
-    num_patches = engine.module.config.num_patches
-    t_last, data_wait = time.perf_counter(), 0.0
-    while step < derived["max_steps"]:
+    mc = engine.module.config
+    flops_per_img = 3 * flops_per_image(mc, "pred")["total"]  # forward + backward (2x) of the tokens processed
+    peak = peak_tflops(cfg.run.peak_tflops)
+    faults = _injected_faults()
+    imgs_per_step = cfg.effective_batch(world)
+    t_last, data_wait, window_steps, losses = time.perf_counter(), 0.0, 0, []
+    skipped = bad_in_row = 0
+    while step < max_steps:
         set_lr(optimizer, lr_at(step, derived["lr"], derived["warmup_steps"], derived["total_steps"], cfg.optim.min_lr))
-        losses = []
-        for micro in range(cfg.deepspeed.grad_accum):
+        micro = attempt = 0
+        while micro < cfg.deepspeed.grad_accum:
             t0 = time.perf_counter()
             batch = next(stream)
             data_wait += time.perf_counter() - t0
-            imgs = normalize_batch(batch["image"], device, torch.bfloat16 if precision == "bf16" else torch.float32)
-            noise = _noise(cfg, step, micro, rank, imgs.shape[0], num_patches).to(device)
-            loss = engine(imgs, noise).loss
+            imgs = normalize_batch(batch["image"], device, dtype)
+            noise = _noise(cfg, step, micro + 1000 * attempt, rank, imgs.shape[0], num_patches=mc.num_patches)
+            loss = engine(imgs, noise.to(device)).loss
+            if rank == 0 and faults.get(step, 0) > attempt:
+                loss = loss * float("nan")
+            # One all-reduce per micro-batch: the global mean loss for the logs, and whether any
+            # rank's loss is non-finite, so that every rank skips the same micro-batch.
+            finite = bool(torch.isfinite(loss.detach()))
+            stats = torch.tensor([loss.detach().float().item() if finite else 0.0, 0.0 if finite else 1.0])
+            dist.all_reduce(stats)
+            if stats[1] > 0:  # skip: no backward, no step; the next batch takes its place
+                skipped += 1
+                bad_in_row += 1
+                attempt += 1
+                obs.message(f"step {step}: non-finite loss on {int(stats[1])} rank(s); micro-batch skipped "
+                            f"({bad_in_row} in a row, {skipped} in total)")
+                if bad_in_row >= cfg.run.max_nonfinite:
+                    raise NonFiniteLoss(f"{bad_in_row} non-finite losses in a row at step {step} "
+                                        f"(run.max_nonfinite={cfg.run.max_nonfinite}); last checkpoint: "
+                                        f"{(checkpoints(out) or ['none'])[-1]}")
+                continue
+            bad_in_row = 0
             engine.backward(loss)
             engine.step()
-            losses.append(loss.item())
+            losses.append(stats[0].item() / world)
             if keys_log:
                 keys_log.write(json.dumps(dict(step=step, micro=micro, keys=batch["key"])) + "\n")
+            micro += 1
         step += 1
-        if metrics and (step % cfg.run.log_every == 0 or step == derived["max_steps"]):
+        window_steps += 1
+        obs.step(loss=losses[-1], lr=optimizer.param_groups[0]["lr"])
+        if step % cfg.run.log_every == 0 or step == max_steps:
             now = time.perf_counter()
-            metrics.write(json.dumps(dict(step=step, loss=sum(losses) / len(losses), lr=optimizer.param_groups[0]["lr"],
-                                          epoch=loader.epoch, data_wait_s=round(data_wait, 4),
-                                          seconds=round(now - t_last, 4))) + "\n")
-            metrics.flush()
-            t_last, data_wait = now, 0.0
-        if step % cfg.run.save_every == 0 or step == derived["max_steps"]:
-            save(engine, cfg, step, loader, rank)
-    for f in (metrics, keys_log):
-        if f:
-            f.close()
-    return dict(step=step, rank=rank, world_size=world)
+            seconds = now - t_last
+            share = torch.tensor([data_wait / seconds])
+            dist.all_reduce(share, op=dist.ReduceOp.MAX)
+            ips = window_steps * imgs_per_step / seconds
+            grad_norm = engine.get_global_grad_norm()
+            obs.log(dict(step=step, epoch=loader.epoch, loss=sum(losses) / len(losses),
+                         lr=optimizer.param_groups[0]["lr"],
+                         grad_norm=None if grad_norm is None else float(grad_norm),
+                         images_per_s=round(ips, 2), images_per_s_per_rank=round(ips / world, 2),
+                         data_wait_share=round(data_wait / seconds, 4), data_wait_share_max=round(share.item(), 4),
+                         peak_memory_gb=round(peak_memory_gb(device), 3),
+                         mfu=round(flops_per_img * ips / world / (peak * 1e12), 4) if peak else None,
+                         skipped_nonfinite=skipped, upload_failures=mirror.failures, seconds=round(seconds, 4)))
+            t_last, data_wait, window_steps, losses = now, 0.0, 0, []
+        if fixed is not None and (step % cfg.run.recon_every == 0 or step == max_steps):
+            grid = reconstruction_grid(engine.module, *fixed)  # every rank: ZeRO-3 gathers parameters
+            obs.recon(step, grid)
+        if step % cfg.run.save_every == 0 or step == max_steps:
+            save(engine, cfg, step, loader, rank, mirror)
+    mirror.join()
+    dist.barrier()
+    obs.close()
+    if keys_log:
+        keys_log.close()
+    return dict(step=step, rank=rank, world_size=world, skipped_nonfinite=skipped, upload_failures=mirror.failures)
 
 
-def save(engine, cfg: PretrainConfig, step: int, loader, rank: int) -> None:
-    """DeepSpeed checkpoint + client state, then (with ``run.store``) a mirror in the store.
-    COMPLETE (local) and ``latest`` (store) are written only after every rank's files are in."""
+class _Mirror:
+    """Copies each checkpoint into ``run.store`` in a background thread, so training goes on
+    while it uploads. Each node's local rank 0 uploads the files its ranks wrote and then a
+    receipt (checkpoints/<tag>/_nodes/<node>.json); global rank 0 waits for every node's
+    receipt, checks every listed file is in the store, and only then writes COMPLETE and
+    ``latest`` and prunes. One upload in flight: the next save waits for the previous one."""
+
+    def __init__(self, cfg: PretrainConfig, rank: int, world: int):
+        self.cfg, self.rank = cfg, rank
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        self.uploader = int(os.environ.get("LOCAL_RANK", 0)) == 0
+        self.node, self.nodes = rank // local_world, max(1, world // local_world)
+        self.thread: threading.Thread | None = None
+        self.failures = 0
+
+    def start(self, tag: str, step: int) -> None:
+        self.join()
+        if not self.cfg.run.store or not self.uploader:
+            return
+        if self.cfg.run.async_upload:
+            self.thread = threading.Thread(target=self._run, args=(tag, step), name=f"upload-{tag}", daemon=True)
+            self.thread.start()
+        else:
+            self._run(tag, step)
+
+    def join(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+
+    def _run(self, tag: str, step: int) -> None:
+        store, root = self.cfg.run.store, os.path.join(self.cfg.run.output, "checkpoints")
+        try:
+            names = ckpt.files(os.path.join(root, tag))
+            ckpt.upload(root, tag, store, names)
+            storage.write_bytes(storage.join(store, "checkpoints", tag, "_nodes", f"{self.node}.json"),
+                                json.dumps(names).encode())
+            if self.rank == 0:
+                expected = self._wait_for_receipts(store, tag)
+                ckpt.publish(store, tag, step, expected)
+                prefix = storage.join(store, "checkpoints") + "/"
+                tags = {u[len(prefix):].split("/")[0] for u, _ in storage.list_objects(prefix) if u.endswith("/COMPLETE")}
+                ckpt.prune(store, {t: int(t[4:]) for t in tags}, self.cfg.run.keep_last, self.cfg.run.keep_every)
+        except Exception as e:  # noqa: BLE001 - reported, counted; the local checkpoint still stands
+            self.failures += 1
+            print(f"crossmae-pretrain: checkpoint {tag} not mirrored to {store}: {e}", file=sys.stderr)
+
+    def _wait_for_receipts(self, store: str, tag: str, timeout: float = 3600.0) -> list[str]:
+        deadline = time.monotonic() + timeout
+        receipts = [storage.join(store, "checkpoints", tag, "_nodes", f"{n}.json") for n in range(self.nodes)]
+        while True:
+            missing = [r for r in receipts if not storage.exists(r)]
+            if not missing:
+                break
+            if time.monotonic() > deadline:
+                raise storage.StorageError(f"{len(missing)} node(s) did not finish uploading {tag} in {timeout:.0f} s")
+            time.sleep(1.0)
+        names = set()
+        for r in receipts:
+            names |= set(json.loads(storage.read_bytes(r)))
+        return sorted(names)
+
+
+def save(engine, cfg: PretrainConfig, step: int, loader, rank: int, mirror: _Mirror) -> None:
+    """DeepSpeed checkpoint + client state into the local directory; COMPLETE once every rank's
+    files are written; then the store mirror starts (in the background by default)."""
     import deepspeed.comm as dist
 
-    out, store, tag = cfg.run.output, cfg.run.store, f"step{step:08d}"
+    out, tag = cfg.run.output, f"step{step:08d}"
     root = os.path.join(out, "checkpoints")
     engine.save_checkpoint(root, tag=tag, client_state=dict(step=step, loader=loader.state_dict()))
     dist.barrier()
-    if store:
-        if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # one uploader per node: its ranks' files
-            ckpt.upload(root, tag, store)
-        dist.barrier()
-    if rank == 0:
+    mirror.join()  # the previous upload must finish before its local copy may be pruned
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # each node marks and prunes its own directory
         with open(os.path.join(root, tag, "COMPLETE"), "w") as f:
             f.write(str(step))
         steps = {t: int(t[4:]) for t in checkpoints(out)}
         for old in ckpt.tags_to_delete(list(steps), steps, cfg.run.keep_last, cfg.run.keep_every):
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-        if store:
-            ckpt.publish(store, tag, step, ckpt.files(os.path.join(root, tag)))
-            prefix = storage.join(store, "checkpoints") + "/"
-            tags = {u[len(prefix):].split("/")[0] for u, _ in storage.list_objects(prefix) if u.endswith("/COMPLETE")}
-            ckpt.prune(store, {t: int(t[4:]) for t in tags}, cfg.run.keep_last, cfg.run.keep_every)
     dist.barrier()
+    mirror.start(tag, step)
 
 
 def resume_tag(cfg: PretrainConfig, rank: int) -> str | None:
-    """The newest complete checkpoint, local or in the store (downloaded when only there)."""
+    """The newest complete checkpoint, local or in the store (downloaded when only there).
+    Global rank 0 decides and broadcasts, so every rank loads the same tag."""
     import deepspeed.comm as dist
 
-    local = checkpoints(cfg.run.output)
-    best = local[-1] if local else None
-    remote = ckpt.latest(cfg.run.store) if cfg.run.store else None
-    if remote and (best is None or int(remote["tag"][4:]) > int(best[4:])):
-        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-            ckpt.download(cfg.run.store, remote["tag"], os.path.join(cfg.run.output, "checkpoints"))
-        dist.barrier()
-        best = remote["tag"]
+    choice = [None]
+    if rank == 0:
+        local = checkpoints(cfg.run.output)
+        best = local[-1] if local else None
+        remote = ckpt.latest(cfg.run.store) if cfg.run.store else None
+        if remote and (best is None or int(remote["tag"][4:]) > int(best[4:])):
+            best = remote["tag"]
+        choice = [best]
+    dist.broadcast_object_list(choice, src=0)
+    best = choice[0]
+    if best and int(os.environ.get("LOCAL_RANK", 0)) == 0 and best not in checkpoints(cfg.run.output):
+        ckpt.download(cfg.run.store, best, os.path.join(cfg.run.output, "checkpoints"))
+        with open(os.path.join(cfg.run.output, "checkpoints", best, "COMPLETE"), "w") as f:
+            f.write(best[4:])
+    dist.barrier()
     return best
 
 
@@ -200,7 +351,18 @@ def main(argv: list[str] | None = None) -> int:
     except config_loader.ConfigError as e:
         print(f"crossmae-pretrain: error: {e}", file=sys.stderr)
         return 2
-    train(cfg, args.resume)
+    try:
+        result = train(cfg, args.resume)
+    except NonFiniteLoss as e:
+        print(f"crossmae-pretrain: error: {e}", file=sys.stderr)
+        return 3
+    except (storage.StorageError, FileNotFoundError, ValueError) as e:  # data or store unreachable / invalid
+        print(f"crossmae-pretrain: error: {e}", file=sys.stderr)
+        return 2
+    if result["upload_failures"]:
+        print(f"crossmae-pretrain: error: {result['upload_failures']} checkpoint(s) were not mirrored to "
+              f"{cfg.run.store} (local copies kept in {cfg.run.output}/checkpoints)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -60,10 +60,15 @@ class RunSection:
     save_every: int = 1000  # steps
     keep_last: int = 3
     keep_every: int = 0  # also keep every M-th step's checkpoint (0 = none)
-    log_every: int = 20
-    recon_every: int = 500
+    log_every: int = 20  # metrics.jsonl + TensorBoard every N steps
+    recon_every: int = 500  # reconstruction grid PNG every N steps (0 = off)
+    recon_images: int = 8  # rows of the grid (a fixed batch, the same every time)
     max_steps: int | None = None  # stop early (tests, demos)
     log_keys: bool = False  # write every rank's sample keys per step (tests: exact-resume proofs)
+    async_upload: bool = True  # mirror checkpoints to the store in a background thread
+    max_nonfinite: int = 5  # non-finite losses in a row before the run stops (each one is skipped)
+    peak_tflops: float | None = None  # per device, for MFU; None = looked up from the GPU name
+    tensorboard: bool = True
 
 
 @dataclass

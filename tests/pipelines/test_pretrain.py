@@ -7,6 +7,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -25,16 +26,28 @@ def manifest(tmp_path_factory):
     return str(root / "wds/train/manifest.json")
 
 
-def launch(manifest, out, *overrides, nproc=2):
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
+ARGS = ("model.preset=crossmae_vit_micro_patch4_dec64d2b", "data.image_size=32", "data.num_workers=1",
+        "deepspeed.micro_batch=8", "optim.lr=2e-3", "optim.warmup_epochs=0", "optim.epochs=4", "run.log_every=1",
+        "run.log_keys=true", "run.recon_every=0")
+
+
+def launch(manifest, out, *overrides, nproc=2, launcher="torchrun", env_extra=None, expect=0):
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", **(env_extra or {}),
                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache/torch_extensions")))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-           "-m", "pipelines.pretrain", "model.preset=crossmae_vit_micro_patch4_dec64d2b", f"data.train={manifest}",
-           "data.image_size=32", "data.num_workers=1", "deepspeed.micro_batch=8", "deepspeed.zero_stage=2",
-           "optim.lr=2e-3", "optim.warmup_epochs=0", "optim.epochs=4", f"run.output={out}", "run.log_every=1",
-           "run.log_keys=true", *overrides]
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(free_port()), "-m", "pipelines.pretrain"]
+    elif launcher == "deepspeed":
+        cmd = [str(pathlib.Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc),
+               "--master_port", str(free_port()), "--module", "pipelines.pretrain"]
+    else:  # one plain process
+        cmd = [sys.executable, "-m", "pipelines.pretrain"]
+    cmd += [*ARGS, f"data.train={manifest}", "deepspeed.zero_stage=2", f"run.output={out}", *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    if proc.returncode != expect:  # show the first error of any rank, not only the launcher's summary
+        lines = [ln for ln in proc.stderr.splitlines() if "Warning" not in ln]
+        first = next((i for i, ln in enumerate(lines) if "Traceback" in ln or "error" in ln.lower()), 0)
+        pytest.fail(f"exit {proc.returncode}, expected {expect}:\n" + "\n".join(lines[first:first + 60]))
     return proc
 
 
@@ -103,3 +116,87 @@ def test_checkpoints_mirror_to_s3_prune_and_resume_from_the_store(manifest, tmp_
     proc = launch(manifest, out, "run.max_steps=6", "run.save_every=2", "run.keep_last=1", f"run.store={store}")
     assert "resumed from step00000004 at step 4" in proc.stderr
     assert json.loads(storage.read_bytes(store + "/latest"))["tag"] == "step00000006"
+
+
+def records(out):
+    return [json.loads(line) for line in (pathlib.Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_observability_and_a_skipped_non_finite_step(manifest, tmp_path):
+    """Rank 0 writes metrics.jsonl, TensorBoard scalars, reconstruction PNGs and version.json;
+    an injected NaN loss (rank 0, step 3) is skipped on every rank and counted, and the run goes on."""
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "obs"
+    proc = launch(manifest, out, "run.max_steps=6", "run.save_every=6", "run.log_every=2", "run.recon_every=3",
+                  "run.recon_images=4", env_extra={"CROSSMAE_FAULT_NONFINITE": "3:1"})
+    assert "step 3: non-finite loss on 1 rank(s); micro-batch skipped (1 in a row, 1 in total)" in proc.stderr
+    recs = records(out)
+    assert [r["step"] for r in recs] == [2, 4, 6]
+    for r in recs:
+        assert r["loss"] > 0 and r["grad_norm"] > 0 and r["images_per_s"] > 0 and r["peak_memory_gb"] > 0
+        assert r["images_per_s_per_rank"] == pytest.approx(r["images_per_s"] / 2, rel=0.01)
+        assert 0 <= r["data_wait_share"] <= r["data_wait_share_max"] <= 1 and r["mfu"] is None  # no GPU peak
+    assert [r["skipped_nonfinite"] for r in recs] == [0, 1, 1]
+    steps = keys_by_step(out)
+    assert sorted(steps) == list(range(6)) and all(len(v) == 2 for v in steps.values())
+    seen = [k for v in steps.values() for keys in v.values() for k in keys]
+    assert len(seen) == len(set(seen)) == 6 * 2 * 8, "the skipped batch is not trained on, and nothing repeats"
+
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [2, 4, 6]
+    assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx([r["loss"] for r in recs])
+    assert "recon" in acc.Tags()["images"]
+    for step in (3, 6):
+        with Image.open(out / "recon" / f"step{step:08d}.png") as im:
+            assert im.size == (4 * 32, 4 * 32) and im.mode == "RGB"
+    a, b = (np.asarray(Image.open(out / "recon" / f"step{s:08d}.png")).astype(int) for s in (3, 6))
+    assert (a[:, :64] == b[:, :64]).all(), "original and masked columns: the same fixed batch and masks"
+    assert (a[:, 64:] != b[:, 64:]).any(), "reconstructions change as the model trains"
+    version = json.loads((out / "version.json").read_text())
+    assert version["world_size"] == 2 and version["deepspeed"] and version["precision"] == "fp32"
+
+
+def test_too_many_non_finite_losses_stop_the_run_with_one_line(manifest, tmp_path):
+    proc = launch(manifest, tmp_path / "nan", "run.max_steps=4", "run.save_every=1", "run.max_nonfinite=3",
+                  launcher="plain", env_extra={"CROSSMAE_FAULT_NONFINITE": "2:10"}, expect=3)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == ("crossmae-pretrain: error: 3 non-finite losses in a row at step 2 (run.max_nonfinite=3); "
+                    "last checkpoint: step00000002")
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_zero_stage_resumes_exactly(manifest, tmp_path, stage):
+    full, part = tmp_path / "full", tmp_path / "part"
+    launch(manifest, full, "run.max_steps=6", "run.save_every=3", f"deepspeed.zero_stage={stage}")
+    launch(manifest, part, "run.max_steps=3", "run.save_every=3", f"deepspeed.zero_stage={stage}")
+    proc = launch(manifest, part, "run.max_steps=6", "run.save_every=3", f"deepspeed.zero_stage={stage}")
+    assert "resumed from step00000003 at step 3" in proc.stderr
+    assert keys_by_step(full) == keys_by_step(part)
+    sa, sb = consolidated(full, "step00000006"), consolidated(part, "step00000006")
+    assert sa.keys() == sb.keys() and len(sa) > 10
+    for k in sa:
+        assert torch.allclose(sa[k], sb[k], atol=1e-6), k
+    assert json.loads((full / "deepspeed.json").read_text())["zero_optimization"]["stage"] == stage
+
+
+def test_deepspeed_launcher_bf16(manifest, tmp_path):
+    """`deepspeed --num_gpus 2 --module pipelines.pretrain` (it appends --local_rank) with bf16."""
+    out = tmp_path / "ds"
+    launch(manifest, out, "run.max_steps=3", "run.save_every=3", "deepspeed.precision=bf16",
+           "deepspeed.zero_stage=1", launcher="deepspeed")
+    assert json.loads((out / "deepspeed.json").read_text())["bf16"] == {"enabled": True}
+    assert [r["step"] for r in records(out)] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in records(out))
+    assert consolidated(out, "step00000003")
+
+
+def test_failed_mirror_is_reported_and_the_local_checkpoint_kept(manifest, tmp_path, s3_env):
+    out = tmp_path / "nomirror"
+    proc = launch(manifest, out, "run.max_steps=2", "run.save_every=2", "run.store=s3://no-such-bucket-xyz/run",
+                  expect=1)
+    assert "checkpoint step00000002 not mirrored to s3://no-such-bucket-xyz/run" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("crossmae-pretrain: error: 1 checkpoint(s) were not mirrored")
+    assert (out / "checkpoints" / "step00000002" / "COMPLETE").exists()
