@@ -88,26 +88,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def export_last(run_dir: pathlib.Path, export_dir: pathlib.Path) -> pathlib.Path:
-    """Consolidate the newest checkpoint to fp32 and export its encoder (timm format)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from safetensors.torch import save_file
-
-    from crossmae import MaskedAutoencoder, export_encoder
-    from pipelines.config import load
+    """Consolidate the newest checkpoint to fp32 and export its encoder (crossmae-export)."""
+    from pipelines.export import export_checkpoint
     from pipelines.pretrain import checkpoints
-    from pipelines.train_config import PretrainConfig
 
     tag = checkpoints(str(run_dir))[-1]
-    state = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=tag)
-    cfg = load(PretrainConfig, str(run_dir / "config.yaml"))
-    model = MaskedAutoencoder(cfg.model_config())
-    model.load_state_dict(state)
-    tensors, config = export_encoder(model)
-    export_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(export_dir / "model.safetensors"))
-    (export_dir / "config.json").write_text(json.dumps(config, indent=1))
-    (export_dir / "export.json").write_text(json.dumps(dict(source=str(run_dir / "checkpoints" / tag), tag=tag,
-                                                            model=config["model_args"]), indent=1))
+    result = export_checkpoint(str(run_dir), tag, str(export_dir))
+    if result["status"] == "failed":
+        raise SystemExit(f"demo: export failed: {result['error']}")
     return export_dir
 
 

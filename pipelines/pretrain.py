@@ -137,6 +137,10 @@ def train(cfg: PretrainConfig, resume: str = "auto") -> dict:
         with open(os.path.join(out, "version.json"), "w") as f:
             json.dump(dict(code_version(), world_size=world, precision=precision,
                            device=torch.cuda.get_device_name() if on_gpu else "cpu"), f, indent=1)
+        if cfg.run.store:  # the store alone must describe the run (crossmae-export reads config.yaml)
+            for name in ("config.yaml", "deepspeed.json", "version.json"):
+                with open(os.path.join(out, name), "rb") as f:
+                    storage.write_bytes(storage.join(cfg.run.store, name), f.read())
 
     step = 0
     tag = resume_tag(cfg, rank) if resume == "auto" else None
