@@ -33,5 +33,6 @@ def lr_at(step: int, peak: float, warmup_steps: int, total_steps: int, min_lr: f
 
 
 def set_lr(optimizer, lr: float) -> None:
+    """Set every group's lr; groups with an ``lr_scale`` (layer-wise decay, fine-tuning) get lr x scale."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
