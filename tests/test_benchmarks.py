@@ -1,0 +1,33 @@
+"""The GPU-side benchmarks cannot be measured here, but they must not rot: run them at their
+smallest on the CPU and check what they report."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
+           TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache/torch_extensions")))
+
+
+def run(*args):
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+def test_gpu_throughput_smoke(tmp_path):
+    run("benchmarks/gpu_throughput.py", "--smoke", "--json", str(tmp_path / "g.json"))
+    result = json.loads((tmp_path / "g.json").read_text())
+    assert result["device"] == "cpu" and [r["model"] for r in result["runs"]] == ["CrossMAE", "MAE"]
+    cross, mae = result["runs"]
+    assert cross["images_per_s"] > 0 and cross["gflops_per_image"] < mae["gflops_per_image"]
+
+
+def test_train_step_smoke(tmp_path):
+    run("benchmarks/train_step.py", "--preset", "crossmae_vit_micro_patch4_dec64d2b", "--image-size", "32",
+        "--batch", "8", "--rounds", "1", "--steps", "1", "--json", str(tmp_path / "t.json"))
+    modes = json.loads((tmp_path / "t.json").read_text())["modes"]
+    assert set(modes) == {"plain", "deepspeed_zero0", "deepspeed_zero2"} and modes["plain"]["vs_plain"] == 1.0
+    assert all(m["images_per_s"] > 0 for m in modes.values())
