@@ -1,10 +1,404 @@
-"""`crossmae-eval`: declared now so the command exists; the tool itself arrives with issue #6 (k-NN, linear probe, fine-tune)."""
+"""``crossmae-eval``: evaluation jobs over exported encoders, one export or a sweep over a prefix.
+
+    crossmae-eval knn --train T/manifest.json --val V/manifest.json EXPORT_OR_PREFIX
+    crossmae-eval linprobe --train ... --val ... EXPORT_OR_PREFIX [--epochs 90 --augment]
+    crossmae-eval report PREFIX [--report DIR]         # table (md + csv) and plot over steps
+    crossmae-eval finetune ...                         # pipelines/finetune.py
+
+An export is a directory or prefix (local or s3://) with model.safetensors, timm's config.json
+and export.json (tag, step, epoch, source, weights_sha256). Given a prefix, every export under
+it is evaluated in turn, skipping those that already have ``<export>/eval/<name>.json`` (unless
+``--force``), then the report is written. ``--index I`` (or ``--index auto``: $SLURM_ARRAY_TASK_ID
+or $JOB_COMPLETION_INDEX) evaluates only the I-th export (sorted by step), so a job array fans out;
+run ``report`` once the array is done.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import hashlib
+import io
+import json
+import os
 import sys
+import time
+from dataclasses import asdict, dataclass
+from functools import cached_property
+
+import torch
+
+from . import knn, linprobe, storage
+
+PROG = "crossmae-eval"
 
 
-def main() -> int:
-    print("crossmae-eval: not implemented yet; it arrives with issue #6 (k-NN, linear probe, fine-tune)", file=sys.stderr)
-    return 2
+class UsageError(ValueError):
+    """Bad input found before any work: one line, exit 2."""
+
+
+def one_line(e: BaseException) -> str:
+    """``Type: message`` on one line; for errors re-raised from DataLoader workers (whose message
+    carries the worker's traceback) just the original exception's final line."""
+    name, text = type(e).__name__, " ".join(str(e).split())
+    if "Original Traceback" in text and f"{name}: " in text:
+        text = text.rsplit(f"{name}: ", 1)[1]
+    return f"{name}: {text}"
+
+
+@dataclass
+class Export:
+    url: str
+    config: dict  # timm config.json
+    info: dict  # export.json (missing fields read as None)
+
+    @classmethod
+    def read(cls, url: str) -> "Export":
+        return cls(url, json.loads(storage.read_bytes(storage.join(url, "config.json"))),
+                   json.loads(storage.read_bytes(storage.join(url, "export.json"))))
+
+    @property
+    def step(self) -> int | None:
+        return self.info.get("step")
+
+    @cached_property
+    def weights_sha256(self) -> str:
+        return self.info.get("weights_sha256") or knn.sha256_of(storage.join(self.url, "model.safetensors"))
+
+    @property
+    def image_size(self) -> int:
+        return int(self.config["model_args"]["img_size"])
+
+    def encoder(self) -> torch.nn.Module:
+        from safetensors.torch import load
+
+        from crossmae.interop import create_timm_encoder
+
+        tensors = load(storage.read_bytes(storage.join(self.url, "model.safetensors")))
+        model, missing = create_timm_encoder(self.config, tensors)
+        if missing:
+            raise ValueError(f"{self.url}: export lacks encoder weights {missing[:3]}")
+        return model.eval().requires_grad_(False)
+
+
+def find_exports(target: str) -> tuple[list[Export], dict[str, str], bool]:
+    """(exports sorted by step then URL, {url: error} of unreadable ones, whether ``target`` is
+    itself an export rather than a prefix holding many)."""
+    if storage.exists(storage.join(target, "export.json")):
+        return [Export.read(target)], {}, True
+    exports, broken = [], {}
+    for url, _ in storage.list_objects(storage.join(target, "")):
+        if url.endswith("/export.json"):
+            try:
+                exports.append(Export.read(url[:-len("/export.json")]))
+            except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
+                broken[url[:-len("/export.json")]] = one_line(e)
+    return sorted(exports, key=lambda e: (e.step is None, e.step or 0, e.url)), broken, False
+
+
+@dataclass
+class Dataset:
+    manifest: str
+    sha256: str
+    split: str
+    num_samples: int
+    num_classes: int
+
+    @classmethod
+    def read(cls, url: str) -> "Dataset":
+        try:
+            data = storage.read_bytes(url)
+            m = json.loads(data)
+            return cls(url, hashlib.sha256(data).hexdigest(), m.get("split", "unknown"), int(m["num_samples"]),
+                       len(m.get("classes") or []))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UsageError(f"manifest {url}: {type(e).__name__}: {e} (write one with crossmae-prep)") from e
+
+
+def features(export: Export, data: Dataset, role: str, args, encoder_cache: dict, log: dict) -> knn.Features:
+    """Frozen features of the dataset, cached per (weights sha, manifest sha, split, image size,
+    precision: bf16 autocast on GPUs, fp32 on CPUs)."""
+    precision = "bf16" if device(args).type == "cuda" else "fp32"
+    name = f"{export.weights_sha256[:16]}-{data.sha256[:16]}-{data.split}-{export.image_size}px-{precision}.safetensors"
+    url = storage.join(args.cache_dir or storage.join(export.url, "eval", "features"), name)
+    if not args.no_cache and storage.exists(url):
+        log[role] = "hit"
+        return knn.load_features(url)
+    if "model" not in encoder_cache:
+        encoder_cache["model"] = export.encoder()
+    feats = knn.extract(encoder_cache["model"], data.manifest, export.image_size, args.batch_size, args.workers,
+                        device(args), progress=f"{data.split} features")
+    if len(feats.label) != data.num_samples:
+        raise ValueError(f"{data.manifest}: got {len(feats.label)} samples, the manifest lists {data.num_samples}")
+    log[role] = "off" if args.no_cache else "miss"
+    if not args.no_cache:
+        knn.save_features(url, feats, dict(export=export.url, manifest=data.manifest, split=data.split))
+    return feats
+
+
+def device(args) -> torch.device:
+    return torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def num_classes(train: Dataset, feats: knn.Features) -> int:
+    return max(train.num_classes, int(feats.label.max()) + 1)
+
+
+def run_knn(export: Export, train: Dataset, val: Dataset, args) -> tuple[dict, dict]:
+    enc, cache = {}, {}
+    ftr, fval = features(export, train, "train", args, enc, cache), features(export, val, "val", args, enc, cache)
+    ks = tuple(sorted(set(args.k)))
+    metrics = knn.knn_metrics(ftr, fval, num_classes(train, ftr), ks, args.temperature)
+    metrics["corrupt"] = ftr.corrupt + fval.corrupt
+    return metrics, dict(k=list(ks), temperature=args.temperature, feature_cache=cache)
+
+
+def run_linprobe(export: Export, train: Dataset, val: Dataset, args) -> tuple[dict, dict]:
+    cfg = linprobe.ProbeConfig(pool=args.pool, epochs=args.epochs, batch_size=args.probe_batch, blr=args.blr,
+                               lr=args.lr, warmup_epochs=args.warmup_epochs, optimizer=args.optimizer,
+                               seed=args.seed, augment=args.augment)
+    enc, cache = {}, {}
+    ftr, fval = features(export, train, "train", args, enc, cache), features(export, val, "val", args, enc, cache)
+    classes = num_classes(train, ftr)
+    batches = steps = None
+    if cfg.augment:  # one encoder pass per sample and epoch on the loader's training augmentation
+        from .loaders import LoaderConfig, build_loader
+
+        enc.setdefault("model", export.encoder())
+        loader = build_loader(LoaderConfig(manifest=train.manifest, batch_size=min(cfg.batch_size, train.num_samples),
+                                           num_workers=args.workers, image_size=export.image_size, seed=cfg.seed))
+        dev, idx = device(args), 1 if cfg.pool == "cls" else 0
+
+        def batches(epoch):
+            for b in loader:
+                with torch.no_grad():  # not around the yield: the head trains between yields
+                    x = knn.encode(enc["model"], b["image"], dev)[idx]
+                yield x, b["label"]
+        steps = len(loader)
+    metrics = linprobe.probe(ftr.get(cfg.pool), ftr.label, fval.get(cfg.pool), fval.label, classes, cfg, batches, steps)
+    metrics["corrupt"] = ftr.corrupt + fval.corrupt
+    return metrics, dict(asdict(cfg), feature_cache=cache)
+
+
+JOBS = {"knn": run_knn, "linprobe": run_linprobe}
+
+
+def evaluate(job: str, export: Export, train: Dataset, val: Dataset, args) -> dict:
+    """Run one job on one export and write ``<export>/eval/<name>.json``; returns the result."""
+    t0 = time.time()
+    metrics, config = JOBS[job](export, train, val, args)
+    config.update(batch_size=args.batch_size, image_size=export.image_size, device=str(device(args)))
+    result = dict(job=job, name=args.name or job, metrics=metrics, export=export.url, tag=export.info.get("tag"),
+                  step=export.step, epoch=export.info.get("epoch"), weights_sha256=export.weights_sha256,
+                  dataset={role: asdict(d) for role, d in (("train", train), ("val", val))},
+                  config=config, seconds=round(time.time() - t0, 2),
+                  time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    storage.write_bytes(result_url(export.url, args.name or job), json.dumps(result, indent=1).encode())
+    return result
+
+
+def result_url(export_url: str, name: str) -> str:
+    return storage.join(export_url, "eval", f"{name}.json")
+
+
+def select_index(index: str | None) -> int | None:
+    if index is None:
+        return None
+    if index == "auto":
+        index = os.environ.get("SLURM_ARRAY_TASK_ID") or os.environ.get("JOB_COMPLETION_INDEX")
+        if index is None:
+            raise UsageError("--index auto: neither SLURM_ARRAY_TASK_ID nor JOB_COMPLETION_INDEX is set")
+    if not index.isdigit():
+        raise UsageError(f"--index must be a non-negative integer or 'auto', not {index!r}")
+    return int(index)
+
+
+def run_sweep(args) -> int:
+    if args.job == "knn" and min(args.k) < 1:
+        raise UsageError(f"--k must be positive, not {min(args.k)}")
+    train, val = Dataset.read(args.train), Dataset.read(args.val)
+    exports, broken, single = find_exports(args.target)
+    if not exports and not broken:
+        raise UsageError(f"{args.target}: no export (no export.json there or under it)")
+    for url, error in broken.items():
+        print(f"{PROG}: {url}: unreadable export: {error}", file=sys.stderr)
+    index = select_index(args.index)
+    if index is not None:
+        if index >= len(exports):
+            print(f"{PROG}: index {index} >= {len(exports)} exports under {args.target}: nothing to do",
+                  file=sys.stderr)
+            return 0
+        exports = exports[index:index + 1]
+    done, skipped, failed = 0, 0, len(broken) if index is None else 0
+    name = args.name or args.job
+    for export in exports:
+        if not args.force and storage.exists(result_url(export.url, name)):
+            skipped += 1
+            continue
+        try:
+            res = evaluate(args.job, export, train, val, args)
+        except Exception as e:  # noqa: BLE001 - one broken export (any cause) is counted; the sweep goes on
+            failed += 1
+            print(f"{PROG}: {export.url}: {one_line(e)}", file=sys.stderr)
+            continue
+        done += 1
+        m = res["metrics"]
+        print(f"{name} {export.url} step {export.step}: top1 {m['top1']:.2f} top5 {m['top5']:.2f} "
+              f"({res['seconds']} s)", file=sys.stderr)
+    print(f"{PROG} {name}: {done} evaluated, {skipped} skipped (result exists; --force redoes), {failed} failed",
+          file=sys.stderr)
+    if args.report or (not single and index is None):
+        write_report(args.target, args.report or args.target)
+    return 1 if failed else 0
+
+
+def run_report(args) -> int:
+    paths = write_report(args.target, args.report or args.target)
+    if paths is None:
+        raise UsageError(f"{args.target}: no evaluation results under it")
+    print("\n".join(paths), file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------- report across exports
+HEADLINE = {"knn": ("top1", "top5", "cls_k20_top1"), "linprobe": ("top1", "top5"), "finetune": ("top1", "top5")}
+
+
+def collect_results(prefix: str) -> list[dict]:
+    """Every ``<export>/eval/<name>.json`` under the prefix (feature caches and others ignored)."""
+    results = []
+    for url, _ in storage.list_objects(storage.join(prefix, "")):
+        head, _, file = url.rpartition("/")
+        if head.endswith("/eval") and file.endswith(".json"):
+            r = json.loads(storage.read_bytes(url))
+            if isinstance(r, dict) and "metrics" in r:
+                results.append(dict(r, name=file[:-5], export=head[:-len("/eval")]))
+    return results
+
+
+def write_report(prefix: str, out_dir: str) -> list[str] | None:
+    """report.md (headline metrics), report.csv (all metrics) and report.png (headline top-1
+    against pretraining step) in out_dir; one row per export, sorted by step. None: no results."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = collect_results(prefix)
+    if not results:
+        return None
+    rows: dict[str, dict] = {}
+    for r in results:
+        row = rows.setdefault(r["export"], dict(export=r["export"], tag=r.get("tag"), step=r.get("step"),
+                                                epoch=r.get("epoch")))
+        row.update({f"{r['name']}/{k}": v for k, v in r["metrics"].items() if isinstance(v, (int, float))})
+    ordered = sorted(rows.values(), key=lambda row: (row["step"] is None, row["step"] or 0, row["export"]))
+    names = sorted({(r["name"], r["job"]) for r in results})
+    metric_cols = list(dict.fromkeys(k for row in ordered for k in row if "/" in k))  # first-seen order
+    headline = [f"{n}/{m}" for n, job in names for m in HEADLINE.get(job, ("top1", "top5"))
+                if f"{n}/{m}" in metric_cols]
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, ["export", "tag", "step", "epoch", *metric_cols], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(ordered)
+    base = storage.join(prefix, "")
+    md = ["| export | step | " + " | ".join(headline) + " |", "|---|---:|" + "---:|" * len(headline)]
+    for row in ordered:
+        cells = [f"{row[c]:.2f}" if isinstance(row.get(c), (int, float)) else "" for c in headline]
+        name = row["export"].removeprefix(base) or row["export"]
+        md.append(f"| {name} | {row['step']} | " + " | ".join(cells) + " |")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for col in (c for c in headline if c.endswith("top1")):  # top-5 would crowd the plot (it is in the table)
+        pts = [(row["step"], row[col]) for row in ordered if row["step"] is not None and col in row]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=col)
+    no_step = sum(row["step"] is None for row in ordered)
+    ax.set(xlabel="pretraining step", ylabel="accuracy (%)",
+           title=f"{len(ordered)} exports" + (f" ({no_step} without a step, not plotted)" if no_step else ""))
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    out = [storage.join(out_dir, f"report.{ext}") for ext in ("md", "csv", "png")]
+    for url, data in zip(out, ("\n".join(md) + "\n", buf.getvalue(), png.getvalue())):
+        storage.write_bytes(url, data.encode() if isinstance(data, str) else data)
+    return out
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + error
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog=PROG, description="Evaluate exported encoders: k-NN, linear probe, fine-tune, report.")
+    sub = ap.add_subparsers(dest="job", required=True, parser_class=_Parser)
+    for job, doc in (("knn", "k-NN on frozen features (cosine, T-weighted votes)"),
+                     ("linprobe", "linear probe on frozen features (MAE protocol)")):
+        p = sub.add_parser(job, help=doc)
+        p.add_argument("target", help="an export, or a prefix holding many (local or s3://)")
+        p.add_argument("--train", required=True, help="training split manifest (crossmae-prep)")
+        p.add_argument("--val", required=True, help="evaluation split manifest")
+        p.add_argument("--name", help=f"result name: <export>/eval/NAME.json (default: {job})")
+        p.add_argument("--batch-size", type=int, default=256, help="images per encoder forward")
+        p.add_argument("--workers", type=int, default=4, help="loader worker processes")
+        p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1")
+        p.add_argument("--cache-dir", help="feature cache (default <export>/eval/features)")
+        p.add_argument("--no-cache", action="store_true", help="neither read nor write cached features")
+        p.add_argument("--force", action="store_true", help="evaluate even where the result exists")
+        p.add_argument("--index", help="evaluate only the I-th export of the prefix; 'auto': Slurm/K8s array index")
+        p.add_argument("--report", help="also write the report here (default: the prefix, for sweeps)")
+        if job == "knn":
+            p.add_argument("--k", type=int, nargs="+", default=list(knn.KS), help="neighbour counts (k=20: headline)")
+            p.add_argument("--temperature", type=float, default=knn.TEMPERATURE)
+        else:
+            d = linprobe.ProbeConfig()
+            p.add_argument("--pool", choices=("cls", "avg"), default=d.pool)
+            p.add_argument("--epochs", type=int, default=d.epochs)
+            p.add_argument("--probe-batch", type=int, default=d.batch_size, help="head training batch")
+            p.add_argument("--blr", type=float, default=d.blr, help="lr = blr x batch / 256")
+            p.add_argument("--lr", type=float, help="absolute lr (overrides --blr)")
+            p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs)
+            p.add_argument("--optimizer", choices=("lars", "sgd"), default=d.optimizer)
+            p.add_argument("--seed", type=int, default=d.seed)
+            p.add_argument("--augment", action="store_true", help="encoder per epoch on augmented crops (slow on CPU)")
+    p = sub.add_parser("report", help="table (markdown, CSV) and plot of all results under a prefix")
+    p.add_argument("target")
+    p.add_argument("--report", help="output directory (default: the prefix)")
+    sub.add_parser("finetune", help="end-to-end fine-tuning (pipelines/finetune.py)", add_help=False)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["finetune"]:
+        try:
+            from . import finetune
+        except ModuleNotFoundError as e:
+            if e.name != "pipelines.finetune":
+                raise
+            print(f"{PROG} finetune: not available (pipelines/finetune.py is missing)", file=sys.stderr)
+            return 2
+        return finetune.main(argv[1:])
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    try:
+        return run_report(args) if args.job == "report" else run_sweep(args)
+    except UsageError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; re-run the same command: finished results are kept", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
