@@ -6,7 +6,8 @@
 torchvision v2 RRC), both on in-memory bytes; (f) decode only; (b) this loader
 (pipelines.wds_loader, num_workers=0: the loop runs in this process) from local shards written
 by crossmae-prep; (c) the same from a SeaweedFS S3 server on loopback; (d) FFCV on a .beton of
-the same images. Targets: (b) >= 1.7x (e) and >= 1.0x (d); (c) >= 0.9x (b).
+the same images; (b') as (b) with resize="device" (CPU side only: batches of crops, the resize
+runs on the trainer's device). Targets: (b) >= 1.7x (e) and >= 1.0x (d); (c) >= 0.9x (b).
 """
 from __future__ import annotations
 
@@ -33,9 +34,9 @@ from pipelines.wds_loader import StreamingLoader  # noqa: E402
 torch.set_num_threads(1)
 
 
-def loader_runner(manifest: str, n: int):
-    ld = StreamingLoader.from_manifest(manifest, batch_size=64, transform=MAETrainTransform(224), num_workers=0,
-                                       drop_last=False)
+def loader_runner(manifest: str, n: int, resize: str = "cpu"):
+    ld = StreamingLoader.from_manifest(manifest, batch_size=64, transform=MAETrainTransform(224, resize=resize),
+                                       num_workers=0, drop_last=False)
 
     def run():
         count = sum(len(b["label"]) for b in ld)
@@ -60,6 +61,7 @@ def main():
         assert prep(["folder", str(work / "src"), str(work / "wds"), "--shard-bytes", "16MB"]) == 0
         local = str(work / "wds/train/manifest.json")
         runs["(b) this loader, local shards"] = loader_runner(local, len(jpegs))
+        runs["(b') this loader, local, resize on device"] = loader_runner(local, len(jpegs), "device")
         from tests.s3_server import seaweedfs_server
 
         with seaweedfs_server() as srv:

@@ -7,6 +7,9 @@ side by side in one run (rounds alternate between pipelines; best round per pipe
 (e) common: webdataset decode('pil') + torchvision v2 RandomResizedCrop bicubic + flip + ToImage
 (f) decode only: simplejpeg full decode (the yardstick: every row is a share of it)
 (g) fast path: pipelines.transforms.mae_train (uint8 (3, 224, 224) contiguous)
+(h) CPU side of resize="device": decode (DCT-scaled where the crop allows) + crop, packed per
+    64 with pack_crops; the resize runs later on the device (resize_on_device, not timed here;
+    its CPU cost with method="matmul" is printed once for reference)
 (d) FFCV RandomResizedCropRGBImageDecoder + flip on a .beton of the same images (if ffcv
     imports): Loader(num_workers=1, batch 64, SEQUENTIAL); epoch 0 (numba compile) not timed.
 Bytes are in memory for (a)-(g): no tar iteration or file reads are timed.
@@ -30,7 +33,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from pipelines.transforms import MAE_RATIO, MAE_SCALE, mae_train  # noqa: E402
+from pipelines.transforms import (MAE_RATIO, MAE_SCALE, MAETrainTransform, mae_train, pack_crops,  # noqa: E402
+                                  resize_on_device)
 
 torch.set_num_threads(1)
 SIZE = 224
@@ -80,8 +84,30 @@ def pipelines(jpegs):
         for i, d in enumerate(jpegs):
             mae_train(d, i)
 
+    to_device = MAETrainTransform(SIZE, resize="device")
+
+    def run_device_side():
+        for s in range(0, len(jpegs), 64):
+            pack_crops([to_device(d, s + i) for i, d in enumerate(jpegs[s:s + 64])])
+
     return {"(a) reference: PIL + torchvision RRC": run_ref, "(e) common: wds decode('pil') + v2 RRC": run_common,
-            "(f) decode only (simplejpeg)": run_decode, "(g) fast path (mae_train)": run_fast}
+            "(f) decode only (simplejpeg)": run_decode, "(g) fast path (mae_train)": run_fast,
+            "(h) decode + crop for resize on device": run_device_side}
+
+
+def device_batch_stats(jpegs) -> dict:
+    """What resize="device" ships per image (canvas bytes vs a resized uint8 image) and the CPU
+    time resize_on_device(method="matmul") takes for one batch of 64 (a GPU's job; for scale)."""
+    to_device = MAETrainTransform(SIZE, resize="device")
+    batches = [pack_crops([to_device(d, s + i) for i, d in enumerate(jpegs[s:s + 64])])
+               for s in range(0, len(jpegs), 64)]
+    n = sum(len(b["flip"]) for b in batches)
+    crop = sum(b["crops"].numel() for b in batches) / n  # shipped: the crops back to back
+    canvas = sum(len(b["flip"]) * int(b["crop_hw"][:, 0].max() * b["crop_hw"][:, 1].max()) * 3 for b in batches) / n
+    t0 = time.perf_counter()
+    resize_on_device(batches[0], SIZE, "cpu")
+    ms = (time.perf_counter() - t0) * 1e3 / len(batches[0]["flip"])
+    return dict(canvas_bytes=canvas, crop_bytes=crop, resized_bytes=3 * SIZE * SIZE, cpu_matmul_ms_per_img=ms)
 
 
 def ffcv_epoch_runner(jpegs, workdir):
@@ -153,6 +179,7 @@ def main():
             runs["(d) FFCV RRC decoder (.beton)"] = ff[0]
             print(f".beton {ff[1] / 2**20:.1f} MiB")
         rate = best_rates(runs, len(jpegs), args.rounds)
+    dev = device_batch_stats(jpegs)
     dec = rate["(f) decode only (simplejpeg)"]
     common = rate["(e) common: wds decode('pil') + v2 RRC"]
     print("\n| pipeline | img/s | us/img | vs decode only | vs (e) |\n|---|---|---|---|---|")
@@ -160,11 +187,16 @@ def main():
         print(f"| {k} | {v:,.0f} | {1e6 / v:,.0f} | {v / dec:.2f}x | {v / common:.2f}x |")
     fast = rate["(g) fast path (mae_train)"]
     print(f"\nfast path vs common (e): {fast / common:.2f}x (target >= 1.7x)")
+    h = rate["(h) decode + crop for resize on device"]
+    print(f"resize on device (h) vs fast path (g), CPU images/s: {h / fast:.2f}x; "
+          f"shipped per image: {dev['crop_bytes'] / 1024:.0f} KiB of crop (a padded canvas: "
+          f"{dev['canvas_bytes'] / 1024:.0f} KiB) vs {dev['resized_bytes'] / 1024:.0f} KiB resized; "
+          f"resize_on_device matmul on this CPU: {dev['cpu_matmul_ms_per_img']:.1f} ms/img (a GPU's job)")
     if "(d) FFCV RRC decoder (.beton)" in rate:
         print(f"fast path vs FFCV (d): {fast / rate['(d) FFCV RRC decoder (.beton)']:.2f}x (target >= 1.0x)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(images=len(jpegs), rounds=args.rounds, img_per_s=rate), f, indent=1)
+            json.dump(dict(images=len(jpegs), rounds=args.rounds, img_per_s=rate, device_resize=dev), f, indent=1)
 
 
 if __name__ == "__main__":

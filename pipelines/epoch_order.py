@@ -11,7 +11,9 @@ Partition: what is left of the epoch (a list of half-open intervals of G, initia
 is laid end to end and cut into ``world_size`` contiguous, equal ranges; each rank keeps a
 whole number of batches, the same number on every rank (``drop``: the shortest rank's
 floor; the dropped tail is not carried to the next epoch, like DistributedSampler), and
-cuts them into contiguous runs, one per DataLoader worker.
+cuts them into contiguous runs, one per DataLoader worker. In ``pad`` mode a rank's last
+batch is filled up with the rank's own first samples; `valid_counts` says how many leading
+entries of each batch are the rank's own (the rest are repeats an evaluation must not count).
 
 Exact resume: after every rank consumed ``n`` batches, the consumed part of G is computable
 on any rank from (remaining intervals, world size, workers, batch size, n); the new remaining
@@ -156,14 +158,26 @@ class Partition:
         lo, hi = start + index * self.batch_size, start + (index + 1) * self.batch_size
         batch = cut(rem, lo, min(hi, stop))
         short = (hi - lo) - total(batch)
-        if short > 0:  # pad mode: wrap around to the rank's first samples
-            batch += cut(rem, start, start + short)
+        own = (start, stop - start) if stop > start else (0, total(rem))  # a rank with nothing pads from G
+        while short > 0:  # pad mode: cycle through the rank's first samples
+            pad = cut(rem, own[0], own[0] + min(short, own[1]))
+            if not pad:
+                break
+            batch, short = batch + pad, short - total(pad)
         return batch
 
     def worker_batches(self, rank: int, worker: int) -> list[list[Interval]]:
         """The batches worker ``worker`` of ``rank`` yields, in order (one contiguous run)."""
         first = sum(self.worker_quota(v) for v in range(worker))
         return [self._batch(rank, first + j) for j in range(self.worker_quota(worker))]
+
+    def valid_counts(self, rank: int, worker: int) -> list[int]:
+        """Per batch of `worker_batches(rank, worker)`: how many leading samples are the rank's own;
+        the others are pad repeats (``drop_last=False`` only: with drop every sample is valid)."""
+        start, stop = self.rank_range(rank)
+        first = sum(self.worker_quota(v) for v in range(worker))
+        return [min(self.batch_size, max(0, stop - start - (first + j) * self.batch_size))
+                for j in range(self.worker_quota(worker))]
 
     def delivered_per_worker(self, batches_done: int) -> list[int]:
         """How many batches each worker has delivered after the rank delivered ``batches_done``."""

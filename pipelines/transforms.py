@@ -26,11 +26,13 @@ from __future__ import annotations
 import io
 import math
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 import simplejpeg
 import torch
 import torch.nn.functional as F
+from torch.utils.data import get_worker_info
 from PIL import Image
 
 try:  # opencv ships with the ffcv extra; without it a numpy copy costs ~40 us more per image
@@ -167,19 +169,12 @@ def _finish(out: torch.Tensor, normalize: bool) -> torch.Tensor:
     return normalize_batch(out[None], "cpu")[0] if normalize else out
 
 
-def mae_train(data: bytes, rng, size: int = 224, scale=MAE_SCALE, ratio=MAE_RATIO, flip_p: float = 0.5,
-              dct_scale: bool = True, normalize: bool = False, out: torch.Tensor | None = None,
-              return_params: bool = False):
-    """MAE pretraining augmentation of one JPEG: RandomResizedCrop(size, scale, ratio,
-    bicubic) then horizontal flip with probability flip_p. `rng`: a numpy Generator or an int
-    seed (same bytes + same seed -> same tensor). Returns uint8 (3, size, size) contiguous,
-    written into `out` if given (e.g. a row of the batch buffer: no stack copy), or float32
-    normalised if `normalize`. return_params adds ((top, left, h, w), flipped): the box
-    actually cropped, in full-image pixels. `dct_scale=False` forces a full-resolution decode
-    (the reference's exact input). With it on, crops >= 2x `size` each way are decoded at
-    1/2-1/8 scale and the box snapped to that grid; measured vs torchvision bicubic on the
-    snapped box, mean abs error 1.4/255 on grainy photo-like images, 2.4 on a sharp checker
-    texture (the DCT's downscale is a different filter), tests/pipelines/test_transforms.py."""
+def decode_crop(data: bytes, rng, size: int = 224, scale=MAE_SCALE, ratio=MAE_RATIO, flip_p: float = 0.5,
+                dct_scale: bool = True) -> tuple[np.ndarray, tuple[int, int, int, int], bool]:
+    """The random part of mae_train: (crop, box, flip). `crop` is an HWC uint8 view of the
+    decoded image (at 1/k scale when the DCT scaling applies, not yet flipped); `box` is
+    (top, left, h, w) in full-image pixels. Same random draws as mae_train, so both paths
+    crop the very same boxes."""
     rng = _rng(rng)
     H, W = image_size(data)
     top, left, h, w = sample_crop(H, W, rng, scale, ratio)
@@ -195,12 +190,29 @@ def mae_train(data: bytes, rng, size: int = 224, scale=MAE_SCALE, ratio=MAE_RATI
         top, left, h, w = y0 * k, x0 * k, min(H, y1 * k) - y0 * k, min(W, x1 * k) - x0 * k
     else:
         crop = img[top:top + h, left:left + w]
+    return crop, (top, left, h, w), flip
+
+
+def mae_train(data: bytes, rng, size: int = 224, scale=MAE_SCALE, ratio=MAE_RATIO, flip_p: float = 0.5,
+              dct_scale: bool = True, normalize: bool = False, out: torch.Tensor | None = None,
+              return_params: bool = False):
+    """MAE pretraining augmentation of one JPEG: RandomResizedCrop(size, scale, ratio,
+    bicubic) then horizontal flip with probability flip_p. `rng`: a numpy Generator or an int
+    seed (same bytes + same seed -> same tensor). Returns uint8 (3, size, size) contiguous,
+    written into `out` if given (e.g. a row of the batch buffer: no stack copy), or float32
+    normalised if `normalize`. return_params adds ((top, left, h, w), flipped): the box
+    actually cropped, in full-image pixels. `dct_scale=False` forces a full-resolution decode
+    (the reference's exact input). With it on, crops >= 2x `size` each way are decoded at
+    1/2-1/8 scale and the box snapped to that grid; measured vs torchvision bicubic on the
+    snapped box, mean abs error 1.4/255 on grainy photo-like images, 2.4 on a sharp checker
+    texture (the DCT's downscale is a different filter), tests/pipelines/test_transforms.py."""
+    crop, box, flip = decode_crop(data, rng, size, scale, ratio, flip_p, dct_scale)
     res = _resize(crop, size, size)
     if out is None:
         out = torch.empty(3, size, size, dtype=torch.uint8)
     _to_chw(res, out, flip)
     result = _finish(out, normalize)
-    return (result, (top, left, h, w), flip) if return_params else result
+    return (result, box, flip) if return_params else result
 
 
 def eval_transform(data: bytes, size: int = 224, crop_pct: float = EVAL_CROP_PCT, normalize: bool = False,
@@ -223,14 +235,36 @@ def eval_transform(data: bytes, size: int = 224, crop_pct: float = EVAL_CROP_PCT
     return _finish(out, normalize)
 
 
+@dataclass
+class Crop:
+    """What a worker hands over for resizing on the device: the HWC uint8 crop (a view of the
+    decoded image, not flipped yet) and whether to mirror it."""
+
+    pixels: np.ndarray
+    flip: bool
+
+
 class MAETrainTransform:
-    """Picklable callable for loader workers: t(data, seed) -> uint8 (3, size, size)."""
+    """Picklable callable for loader workers: t(data, seed) -> uint8 (3, size, size).
+
+    ``resize="device"``: the worker only decodes (at reduced DCT scale where the crop allows)
+    and crops, returning a `Crop`; the loader packs a batch's crops with `pack_crops` and the
+    trainer resizes and flips them on its device with `resize_on_device`. Same boxes, same
+    filter (to rounding), ~1/3 less CPU per image (BENCHMARKS.md)."""
 
     def __init__(self, size: int = 224, scale=MAE_SCALE, ratio=MAE_RATIO, flip_p: float = 0.5,
-                 dct_scale: bool = True, normalize: bool = False):
-        self.kw = dict(size=size, scale=scale, ratio=ratio, flip_p=flip_p, dct_scale=dct_scale, normalize=normalize)
+                 dct_scale: bool = True, normalize: bool = False, resize: str = "cpu"):
+        if resize not in ("cpu", "device"):
+            raise ValueError(f"resize must be 'cpu' or 'device', not {resize!r}")
+        self.size, self.resize = size, resize
+        self.kw = dict(size=size, scale=scale, ratio=ratio, flip_p=flip_p, dct_scale=dct_scale)
+        if resize == "cpu":
+            self.kw["normalize"] = normalize
 
-    def __call__(self, data: bytes, rng) -> torch.Tensor:
+    def __call__(self, data: bytes, rng) -> torch.Tensor | Crop:
+        if self.resize == "device":
+            crop, _, flip = decode_crop(data, rng, **self.kw)
+            return Crop(crop, flip)
         return mae_train(data, rng, **self.kw)
 
 
@@ -263,3 +297,104 @@ def normalize_batch(batch: torch.Tensor, device="cpu", dtype=torch.float32, mean
     scale, shift = _NORM_CACHE[key]
     x = batch.to(device, non_blocking=batch.is_pinned()).to(dtype)
     return torch.addcmul(shift, x, scale)
+
+
+# --- resizing on the device -------------------------------------------------------------
+# The CPU's largest cost after the decode is the resize (~250 us of ~1,200 per image here,
+# benchmarks/transforms.py). With resize="device" the workers ship the crops instead, and the
+# device resizes the whole batch in two batched matmuls: antialiased bicubic is separable and
+# linear, out = Wy @ crop @ Wx^T, with per-image weight matrices built exactly as torch's
+# (Pillow's) antialiased bicubic builds its taps. So the filter is the CPU path's own (same
+# boxes, same taps; differences are rounding), the canvas padding gets weight 0, upscaling small
+# crops works the same, and mirroring is free (reverse Wx's rows).
+
+def batch_buffer(shape: tuple, dtype=torch.uint8) -> torch.Tensor:
+    """An empty batch tensor; inside a DataLoader worker it is allocated in shared memory, as
+    torch's default_collate does, so sending it to the main process passes a handle instead of
+    copying every byte into a fresh shared segment."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    elem = torch.empty(0, dtype=dtype)
+    return elem.new(elem._typed_storage()._new_shared(math.prod(shape), device="cpu")).view(shape)
+
+
+def pack_crops(crops: list[Crop]) -> dict:
+    """A batch of crops, back to back: ``crops`` uint8 (sum of h*w*3,) (each crop HWC,
+    contiguous), ``crop_hw`` int64 (B, 2), ``flip`` bool (B,). Flat rather than a padded
+    (B, Hmax, Wmax, 3) canvas: measured 304 vs 532 KiB per image on 460x400 photos, and every
+    byte shipped costs the worker a page fault and a copy into shared memory (a fresh padded
+    canvas cost more CPU than the resize it saves); the device pads."""
+    hw = [c.pixels.shape[:2] for c in crops]
+    sizes = [h * w * 3 for h, w in hw]
+    flat = batch_buffer((sum(sizes),))
+    out, off = flat.numpy(), 0
+    for c, n in zip(crops, sizes):
+        out[off:off + n].reshape(c.pixels.shape)[...] = c.pixels  # the one copy of each crop
+        off += n
+    return dict(crops=flat, crop_hw=torch.tensor(hw, dtype=torch.int64),
+                flip=torch.tensor([c.flip for c in crops], dtype=torch.bool))
+
+
+def _aa_bicubic_weights(n: torch.Tensor, n_max: int, size: int) -> torch.Tensor:
+    """(B, size, n_max) float32: row i of image b holds the taps of output pixel i resizing
+    n[b] input pixels to `size` -- aten's `_compute_indices_min_size_weights_aa` (Keys cubic
+    a = -0.5, support 2 x the downscale factor, taps inside the image, normalised), with 0
+    beyond n[b] (the canvas padding)."""
+    n = n.to(torch.float32)[:, None, None]
+    scale = n / size
+    stretch = scale.clamp(min=1.0)  # antialias: widen the kernel when downscaling only
+    support = 2.0 * stretch
+    center = scale * (torch.arange(size, device=n.device, dtype=torch.float32)[None, :, None] + 0.5)
+    j = torch.arange(n_max, device=n.device, dtype=torch.float32)[None, None, :]
+    lo, hi = (center - support + 0.5).floor().clamp(min=0), torch.minimum((center + support + 0.5).floor(), n)
+    inside = (j >= lo) & (j < hi)
+    x = ((j - center + 0.5) / stretch).abs()
+    a = -0.5
+    w = torch.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                    torch.where(x < 2, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a, torch.zeros_like(x)))
+    w = w * inside
+    return w / w.sum(-1, keepdim=True)
+
+
+def resize_on_device(batch: dict, size: int, device="cpu", dtype=torch.float32, normalize: bool = True,
+                     method: str = "matmul") -> torch.Tensor:
+    """Resize (antialiased bicubic) and mirror a ``resize="device"`` batch on `device`:
+    (B, 3, size, size), normalised `dtype` (as `normalize_batch`) or, with normalize=False,
+    uint8 -- the same images `mae_train` makes on the CPU, to rounding.
+
+    method="matmul": one batched pair of matmuls for the whole batch, float32 (about
+    2 x B x H x W x size x 3 FLOPs, ~100 GFLOP for 256 ImageNet crops; TF32 if the caller
+    enabled it: errors stay below half a grey level). method="interpolate": torch's
+    antialiased bicubic per image (one kernel launch each; the reference, and fastest on a CPU).
+    """
+    device = torch.device(device)
+    flat = batch["crops"].to(device, non_blocking=batch["crops"].is_pinned())
+    hw_list = batch["crop_hw"].tolist()  # sizes from the host copy: no device sync
+    hw, flip = batch["crop_hw"].to(device), batch["flip"].to(device)
+    B, H, W = len(hw_list), max(h for h, _ in hw_list), max(w for _, w in hw_list)
+    views, off = [], 0
+    for h, w in hw_list:
+        views.append(flat[off:off + h * w * 3].view(h, w, 3))
+        off += h * w * 3
+    if method == "matmul":
+        canvas = torch.zeros(B, H, W, 3, dtype=torch.float32, device=device)  # pad with finite zeros
+        for i, v in enumerate(views):  # B small copies (+ uint8 -> float), launched back to back
+            canvas[i, :v.shape[0], :v.shape[1]] = v
+        wy = _aa_bicubic_weights(hw[:, 0], H, size)
+        wx = _aa_bicubic_weights(hw[:, 1], W, size)
+        wx = torch.where(flip[:, None, None], wx.flip(1), wx)  # mirrored output = reversed columns
+        t = torch.bmm(wy, canvas.view(B, H, W * 3)).view(B, size, W, 3)  # rows: (B,S,W,3)
+        t = t.permute(0, 2, 1, 3).reshape(B, W, size * 3)  # columns next: (B,W,S*3), one copy
+        out = torch.bmm(wx, t).view(B, size, size, 3).permute(0, 3, 2, 1)  # (B,S_x,S_y,3) -> (B,3,S_y,S_x)
+        out = out.round_().clamp_(0, 255).to(torch.uint8).contiguous()
+    elif method == "interpolate":
+        out = torch.empty(B, 3, size, size, dtype=torch.uint8, device=device)
+        for i, v in enumerate(views):
+            x = v.permute(2, 0, 1)[None]
+            x = x if device.type == "cpu" else x.float()  # the uint8 kernel is CPU-only
+            r = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True)[0]
+            r = r if r.dtype == torch.uint8 else r.round_().clamp_(0, 255)
+            out[i] = r.flip(-1) if flip[i] else r
+    else:
+        raise ValueError(f"method must be 'matmul' or 'interpolate', not {method!r}")
+    return normalize_batch(out, device, dtype) if normalize else out

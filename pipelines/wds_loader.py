@@ -9,13 +9,20 @@ key grouping. Who reads what, and the resume state, come from ``pipelines.epoch_
                                            rank=rank, world_size=world, num_workers=8, seed=0,
                                            transform=MAETrainTransform(224))
     for batch in loader:             # one epoch: batch["image"] uint8 (B,3,224,224), ["label"]
-        ...
+        ...                          # ["index"] epoch positions, ["valid"] False for pad repeats
     state = loader.state_dict()      # save with the checkpoint; load_state_dict() after restart
 
 Augmentation randomness is seeded per sample from (seed, epoch, position in the epoch's
 order), so a resumed run reproduces the same crops. Corrupt samples (undecodable image, bad
 label, a shard shorter than its manifest says) are replaced by another sample of the same
 batch, so batch sizes never change, and counted in ``loader.stats``.
+
+``batch["valid"]`` (bool, B) is False for entries that are not a new sample: pad repeats
+(``drop_last=False``: every rank yields the same number of full batches) and substitutes for
+corrupt samples. Training may use every entry; evaluation counts ``valid`` ones only, which
+over all ranks of an epoch are every (readable) sample exactly once. With a transform built
+with ``resize="device"`` batches carry ``crops``/``crop_hw``/``flip`` instead of ``image``:
+resize them with ``pipelines.transforms.resize_on_device``.
 """
 from __future__ import annotations
 
@@ -30,8 +37,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from . import storage
-from .epoch_order import EpochOrder, Partition
+from .epoch_order import EpochOrder, Partition, total
 from .shard_cache import ShardCache
+from .transforms import Crop, batch_buffer, pack_crops
 
 
 @dataclass(frozen=True)
@@ -111,10 +119,11 @@ class _EpochStream(IterableDataset):
         info = get_worker_info()
         worker = info.id if info else 0
         batches = [[g for a, b in batch for g in range(a, b)] for batch in self.partition.worker_batches(self.rank, worker)]
+        valid = self.partition.valid_counts(self.rank, worker)
         flat = [g for batch in batches for g in batch]
         cursor, cache, start = _ShardCursor(self.shards, self.cache), {}, 0
         try:
-            for positions in batches:
+            for positions, n_valid in zip(batches, valid):
                 missing = [g for g in positions if g not in cache]
                 if missing:  # read the stream once per block: also this worker's later samples in it
                     blocks = {g // self.order.block_size for g in missing}
@@ -122,7 +131,7 @@ class _EpochStream(IterableDataset):
                     self._fetch({g for g in window if g // self.order.block_size in blocks and g not in cache},
                                 cursor, cache)
                 start += len(positions)
-                yield self._batch(positions, cache)
+                yield self._batch(positions, n_valid, cache)
         finally:
             cursor.close()
 
@@ -130,10 +139,11 @@ class _EpochStream(IterableDataset):
         for s, g in sorted((self.order.stream_position(g), g) for g in positions):
             cache[g] = cursor.get(*self.order.locate(s))
 
-    def _batch(self, positions: list[int], cache) -> dict:
+    def _batch(self, positions: list[int], n_valid: int, cache) -> dict:
         images, labels, keys, bad = [None] * len(positions), [0] * len(positions), [""] * len(positions), Counter()
+        valid = [i < n_valid for i in range(len(positions))]
         for i, g in enumerate(positions):
-            sample = cache.pop(g, None)
+            sample = cache.get(g)  # get: a pad repeat may name a position twice in one batch
             if sample is None:
                 bad["missing"] += 1
                 continue
@@ -144,15 +154,22 @@ class _EpochStream(IterableDataset):
                 labels[i], keys[i] = label, sample["__key__"]
             except (KeyError, ValueError, TypeError, OSError) as e:  # DecodeError is a ValueError
                 bad[type(e).__name__] += 1
+        for g in positions:
+            cache.pop(g, None)
         good = [i for i, im in enumerate(images) if im is not None]
         if not good:
             raise RuntimeError(f"every sample of a batch at epoch position {positions[0]} is corrupt")
-        for i, im in enumerate(images):  # keep the batch size: substitute a valid sample of this batch
+        for i, im in enumerate(images):  # keep the batch size: substitute a good sample of this batch
             if im is None:
                 j = good[i % len(good)]
-                images[i], labels[i], keys[i] = images[j], labels[j], keys[j]
-        return dict(image=torch.stack(images), label=torch.tensor(labels, dtype=torch.int64),
-                    index=torch.tensor(positions, dtype=torch.int64), key=keys, corrupt=dict(bad))
+                images[i], labels[i], keys[i], valid[i] = images[j], labels[j], keys[j], False
+        if isinstance(images[0], Crop):
+            pixels = pack_crops(images)
+        else:
+            pixels = dict(image=torch.stack(images, out=batch_buffer((len(images), *images[0].shape), images[0].dtype)))
+        return dict(pixels, label=torch.tensor(labels, dtype=torch.int64),
+                    index=torch.tensor(positions, dtype=torch.int64), valid=torch.tensor(valid), key=keys,
+                    corrupt=dict(bad))
 
 
 class StreamingLoader:
@@ -207,7 +224,8 @@ class StreamingLoader:
         if part is not None and not remaining:  # the epoch's last batch was consumed
             epoch, remaining = epoch + 1, [(0, self.num_samples)]
         return dict(epoch=epoch, seed=self.seed, block_size=self.block_size, num_samples=self.num_samples,
-                    remaining=[list(iv) for iv in remaining], stats=dict(self.stats))
+                    samples_consumed=self.num_samples - total(remaining), remaining=[list(iv) for iv in remaining],
+                    stats=dict(self.stats))
 
     def load_state_dict(self, state: dict) -> None:
         if state["num_samples"] != self.num_samples:

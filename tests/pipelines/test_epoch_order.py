@@ -84,3 +84,23 @@ def test_resume_mid_epoch_with_another_world_size_yields_unseen_samples_only(tri
     # run's when it had already finished the epoch
     assert len(missing) < (world2 if stop < part.batches_per_rank else world) * batch
     assert not set(seen_before) & set(g for a, b in remaining for g in range(a, b))
+
+
+@pytest.mark.parametrize("n,world,workers,batch", [(40, 3, 2, 8), (5, 3, 1, 4), (100, 4, 3, 7), (2, 3, 1, 4)])
+def test_valid_counts_mark_pad_repeats_so_every_sample_counts_once(n, world, workers, batch):
+    remaining = ((0, n // 2), (n // 2 + 3, n + 3))  # a resumed state: a hole in the middle
+    part = Partition(remaining, world, workers, batch, drop_last=False)
+    counted = []
+    for r in range(world):
+        start, stop = part.rank_range(r)
+        own = set(positions([[iv] for iv in remaining])[start:stop])
+        for w in range(workers):
+            for intervals, valid in zip(part.worker_batches(r, w), part.valid_counts(r, w)):
+                pos = positions([intervals])
+                assert len(pos) == batch  # every batch full
+                counted += pos[:valid]
+                if own:
+                    assert set(pos) <= own  # pads repeat the rank's own samples
+    assert sorted(counted) == positions([[iv] for iv in remaining])  # each sample exactly once
+    drop = Partition(remaining, world, workers, batch, drop_last=True)
+    assert all(v == batch for r in range(world) for w in range(workers) for v in drop.valid_counts(r, w))

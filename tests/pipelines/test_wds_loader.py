@@ -126,6 +126,8 @@ def test_corrupt_and_missing_samples_are_replaced_and_counted(shards, tmp_path):
     assert all(len(b["key"]) == 8 for b in batches)
     assert ld.stats["missing"] == 2 and sum(v for k, v in ld.stats.items() if k not in ("missing", "samples")) == 1
     assert member.name.split(".")[0] not in keys_of(batches)
+    valid = [k for b in batches for k, v in zip(b["key"], b["valid"].tolist()) if v]
+    assert len(valid) == len(set(valid)) == N - 3  # substitutes and pad repeats are not valid
 
 
 def test_local_shard_cache_serves_later_epochs_and_evicts_least_recently_used(shards, s3_bucket, tmp_path):
