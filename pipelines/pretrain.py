@@ -35,7 +35,7 @@ from . import storage
 from .observe import Observer, code_version, peak_memory_gb, peak_tflops
 from .optim import build_optimizer, lr_at, set_lr
 from .train_config import PretrainConfig, deepspeed_config, resolve_precision
-from .transforms import MAETrainTransform, normalize_batch
+from .transforms import MAETrainTransform, normalize_batch, resize_on_device
 from .wds_loader import StreamingLoader
 
 
@@ -115,9 +115,10 @@ def train(cfg: PretrainConfig, resume: str = "auto") -> dict:
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing()
     loader = StreamingLoader.from_manifest(
-        cfg.data.train, batch_size=cfg.deepspeed.micro_batch, transform=MAETrainTransform(cfg.data.image_size),
-        rank=rank, world_size=world, num_workers=cfg.data.num_workers, seed=cfg.run.seed,
-        block_size=cfg.data.block_size, cache_dir=cfg.data.shard_cache_dir, cache_bytes=cfg.data.shard_cache_bytes)
+        cfg.data.train, batch_size=cfg.deepspeed.micro_batch,
+        transform=MAETrainTransform(cfg.data.image_size, resize=cfg.data.resize), rank=rank, world_size=world,
+        num_workers=cfg.data.num_workers, seed=cfg.run.seed, block_size=cfg.data.block_size,
+        cache_dir=cfg.data.shard_cache_dir, cache_bytes=cfg.data.shard_cache_bytes, pin_memory=on_gpu)
     derived = cfg.derived(loader.num_samples, world)
     ds_config = deepspeed_config(cfg, world, on_gpu)
     optimizer = build_optimizer(model.to(device), derived["lr"], cfg.optim.weight_decay, cfg.optim.betas)
@@ -175,7 +176,10 @@ def train(cfg: PretrainConfig, resume: str = "auto") -> dict:
             t0 = time.perf_counter()
             batch = next(stream)
             data_wait += time.perf_counter() - t0
-            imgs = normalize_batch(batch["image"], device, dtype)
+            if cfg.data.resize == "device":  # uint8 crops -> resized, flipped, normalised on the device
+                imgs = resize_on_device(batch, cfg.data.image_size, device, dtype)
+            else:  # uint8 (pinned on GPUs) -> device, non_blocking, then normalised there
+                imgs = normalize_batch(batch["image"], device, dtype)
             noise = _noise(cfg, step, micro + 1000 * attempt, rank, imgs.shape[0], num_patches=mc.num_patches)
             loss = engine(imgs, noise.to(device)).loss
             if rank == 0 and faults.get(step, 0) > attempt:

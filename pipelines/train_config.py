@@ -26,6 +26,7 @@ class DataSection:
     block_size: int = 512
     shard_cache_dir: str | None = None
     shard_cache_bytes: int = 0
+    resize: Literal["cpu", "device"] = "cpu"  # device: workers decode + crop, the GPU resizes (transforms.py)
 
 
 @dataclass

@@ -177,8 +177,10 @@ class StreamingLoader:
 
     def __init__(self, shards: ShardList, batch_size: int, transform, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, seed: int = 0, block_size: int = 512, drop_last: bool = True,
-                 prefetch_factor: int = 2, cache_dir: str | None = None, cache_bytes: int = 0):
+                 prefetch_factor: int = 2, cache_dir: str | None = None, cache_bytes: int = 0,
+                 pin_memory: bool = False):
         self.shards, self.batch_size, self.transform = shards, batch_size, transform
+        self.pin_memory = pin_memory  # GPUs: batches in page-locked memory for non_blocking copies
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.seed, self.block_size, self.drop_last, self.prefetch_factor = seed, block_size, drop_last, prefetch_factor
         self.epoch, self.remaining, self.batches_done = 0, None, 0
@@ -209,7 +211,7 @@ class StreamingLoader:
         order = EpochOrder(self.shards.counts, self.seed, self.epoch, self.block_size)
         ds = _EpochStream(self.shards, part, order, self.rank, self.transform, self.seed, self.cache)
         kw = dict(prefetch_factor=self.prefetch_factor, persistent_workers=False) if self.num_workers else {}
-        for batch in DataLoader(ds, batch_size=None, num_workers=self.num_workers, **kw):
+        for batch in DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **kw):
             self.stats.update(batch.pop("corrupt"))
             self.stats["samples"] += len(batch["label"])
             self.batches_done += 1

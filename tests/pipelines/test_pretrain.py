@@ -200,3 +200,15 @@ def test_failed_mirror_is_reported_and_the_local_checkpoint_kept(manifest, tmp_p
     assert "checkpoint step00000002 not mirrored to s3://no-such-bucket-xyz/run" in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("crossmae-pretrain: error: 1 checkpoint(s) were not mirrored")
     assert (out / "checkpoints" / "step00000002" / "COMPLETE").exists()
+
+
+def test_resize_on_the_device_trains_like_the_cpu_path(manifest, tmp_path):
+    """data.resize=device: workers ship crops, the trainer resizes them on its device; same samples,
+    same crops (to rounding), so the first steps' losses agree closely with the CPU path's."""
+    runs = {}
+    for mode in ("cpu", "device"):
+        launch(manifest, tmp_path / mode, "run.max_steps=3", "run.save_every=3", f"data.resize={mode}", launcher="plain")
+        runs[mode] = records(tmp_path / mode)
+    assert keys_by_step(tmp_path / "cpu") == keys_by_step(tmp_path / "device")
+    for a, b in zip(runs["cpu"], runs["device"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-3, abs=2e-3)
