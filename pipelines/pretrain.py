@@ -215,6 +215,8 @@ def train(cfg: PretrainConfig, resume: str = "auto") -> dict:
             seconds = now - t_last
             share = torch.tensor([data_wait / seconds])
             dist.all_reduce(share, op=dist.ReduceOp.MAX)
+            skipped_data = torch.tensor([sum(v for k, v in loader.stats.items() if k != "samples")])
+            dist.all_reduce(skipped_data)  # corrupt samples replaced in their batch, all ranks, so far
             ips = window_steps * imgs_per_step / seconds
             grad_norm = engine.get_global_grad_norm()
             obs.log(dict(step=step, epoch=loader.epoch, loss=sum(losses) / len(losses),
@@ -224,7 +226,9 @@ def train(cfg: PretrainConfig, resume: str = "auto") -> dict:
                          data_wait_share=round(data_wait / seconds, 4), data_wait_share_max=round(share.item(), 4),
                          peak_memory_gb=round(peak_memory_gb(device), 3),
                          mfu=round(flops_per_img * ips / world / (peak * 1e12), 4) if peak else None,
-                         skipped_nonfinite=skipped, upload_failures=mirror.failures, seconds=round(seconds, 4)))
+                         skipped_nonfinite=skipped, skipped_samples=int(skipped_data.item()),
+                         skipped_samples_rank0={k: v for k, v in loader.stats.items() if k != "samples"},
+                         upload_failures=mirror.failures, seconds=round(seconds, 4)))
             t_last, data_wait, window_steps, losses = now, 0.0, 0, []
         if fixed is not None and (step % cfg.run.recon_every == 0 or step == max_steps):
             grid = reconstruction_grid(engine.module, *fixed)  # every rank: ZeRO-3 gathers parameters

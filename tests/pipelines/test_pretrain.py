@@ -138,6 +138,7 @@ def test_observability_and_a_skipped_non_finite_step(manifest, tmp_path):
         assert r["loss"] > 0 and r["grad_norm"] > 0 and r["images_per_s"] > 0 and r["peak_memory_gb"] > 0
         assert r["images_per_s_per_rank"] == pytest.approx(r["images_per_s"] / 2, rel=0.01)
         assert 0 <= r["data_wait_share"] <= r["data_wait_share_max"] <= 1 and r["mfu"] is None  # no GPU peak
+        assert r["skipped_samples"] == 0 and r["skipped_samples_rank0"] == {}
     assert [r["skipped_nonfinite"] for r in recs] == [0, 1, 1]
     steps = keys_by_step(out)
     assert sorted(steps) == list(range(6)) and all(len(v) == 2 for v in steps.values())
