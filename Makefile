@@ -1,5 +1,5 @@
 # The two commands of the README:
-#   make demo   - the main job: shard -> pretrain -> export on CPU, a few minutes
+#   make demo   - the main job: shard -> pretrain -> export -> k-NN on CPU, a few minutes
 #   make test   - install everything from nothing and run the test suite
 SHELL := /bin/bash
 VENV ?= .venv
@@ -14,6 +14,10 @@ EXTRAS ?= dev,ffcv,demo
 DEB_PKGS := libturbojpeg0-dev libopencv-dev pkg-config
 export OMP_NUM_THREADS ?= 2
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+# The venv's tools first (its `ninja` builds DeepSpeed's CPU op; two ninjas would rebuild it in turns).
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+# Debian packages for the tests: shellcheck lints deploy/ scripts (tests skip it, saying so, if absent).
+DEV_DEB_PKGS := shellcheck
 
 .PHONY: setup test demo bench clean
 
@@ -23,6 +27,11 @@ $(VENV)/.installed: pyproject.toml requirements/pins.txt
 	  echo "installing Debian packages for FFCV: $(DEB_PKGS)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(DEB_PKGS) >/dev/null; \
+	fi; \
+	if echo "$(EXTRAS)" | grep -q dev && ! dpkg -s $(DEV_DEB_PKGS) >/dev/null 2>&1; then \
+	  echo "installing Debian packages for the tests: $(DEV_DEB_PKGS)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(DEV_DEB_PKGS) >/dev/null; \
 	fi; \
 	if [ "$(SYSTEM_TORCH)" = 1 ]; then python3 -m venv --system-site-packages $(VENV); \
 	  grep -vE '^(torch|torchvision)==' requirements/pins.txt > $(VENV)/pins.txt; \
@@ -36,7 +45,7 @@ setup: $(VENV)/.installed
 test: setup
 	$(PY) -m pytest -q tests
 
-# shard a real image set, pretrain under DeepSpeed (2 CPU processes), export; ~40 s after setup.
+# shard a real image set, pretrain under DeepSpeed (2 CPU processes), export, k-NN; ~2 min after setup.
 # Pass DEMO_ARGS="--store s3://bucket/prefix" (with AWS_ENDPOINT_URL) to use object storage.
 demo: setup
 	$(PY) -m pipelines.demo $(DEMO_ARGS)

@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     for split in ("train", "val"):
         run([py, "-m", "data_prep.cli", "folder", str(out / "images" / split), store, "--split", split,
              "--shard-samples", "256"])
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    # the venv's bin first: one `ninja` (DeepSpeed's cached CPU op is rebuilt when it changes)
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
     run_dir, run_store, exports = out / "run", f"{store}/run", f"{store}/exports"
     from pipelines.pretrain import _free_port

@@ -1,5 +1,14 @@
+import os
+import sys
+
 import pytest
 import torch
+
+# One `ninja` for every process: the venv's (pip) and Debian's take turns rebuilding DeepSpeed's
+# CPU comm op in the shared TORCH_EXTENSIONS_DIR (30-45 s each time) when PATHs differ.
+_BIN = os.path.dirname(sys.executable)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
+    os.environ["PATH"] = _BIN + os.pathsep + os.environ.get("PATH", "")
 
 # The real S3 server (SeaweedFS) fixtures: s3_server, s3_env, s3_bucket.
 pytest_plugins = ["tests.s3_server"]
