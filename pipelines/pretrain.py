@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
 import sys
 import threading
@@ -73,6 +74,25 @@ def _noise(cfg: PretrainConfig, step: int, micro: int, rank: int, n: int, num_pa
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class _StopRequest:
+    """SIGTERM / SIGUSR1 (preemption, Slurm's --signal, Kubernetes' grace period) only set a flag;
+    the flag rides on the per-micro-batch all-reduce, and every rank then saves a checkpoint at
+    the end of the same step and stops."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def _injected_faults() -> dict[int, int]:
@@ -169,6 +189,7 @@ def train(cfg: PretrainConfig, resume: str = "auto") -> dict:
     imgs_per_step = cfg.effective_batch(world)
     t_last, data_wait, window_steps, losses = time.perf_counter(), 0.0, 0, []
     skipped = bad_in_row = 0
+    stop, stop_all = _StopRequest(), False
     while step < max_steps:
         set_lr(optimizer, lr_at(step, derived["lr"], derived["warmup_steps"], derived["total_steps"], cfg.optim.min_lr))
         micro = attempt = 0
@@ -187,8 +208,10 @@ def train(cfg: PretrainConfig, resume: str = "auto") -> dict:
             # One all-reduce per micro-batch: the global mean loss for the logs, and whether any
             # rank's loss is non-finite, so that every rank skips the same micro-batch.
             finite = bool(torch.isfinite(loss.detach()))
-            stats = torch.tensor([loss.detach().float().item() if finite else 0.0, 0.0 if finite else 1.0])
+            stats = torch.tensor([loss.detach().float().item() if finite else 0.0, 0.0 if finite else 1.0,
+                                  float(stop.requested)])
             dist.all_reduce(stats)
+            stop_all = stop_all or stats[2].item() > 0  # any rank signalled: all stop at this step's end
             if stats[1] > 0:  # skip: no backward, no step; the next batch takes its place
                 skipped += 1
                 bad_in_row += 1
@@ -233,14 +256,19 @@ def train(cfg: PretrainConfig, resume: str = "auto") -> dict:
         if fixed is not None and (step % cfg.run.recon_every == 0 or step == max_steps):
             grid = reconstruction_grid(engine.module, *fixed)  # every rank: ZeRO-3 gathers parameters
             obs.recon(step, grid)
-        if step % cfg.run.save_every == 0 or step == max_steps:
+        if step % cfg.run.save_every == 0 or step == max_steps or stop_all:
             save(engine, cfg, step, loader, rank, mirror)
+        if stop_all:
+            obs.message(f"stop requested by a signal: checkpoint step{step:08d} saved; --resume auto continues")
+            break
     mirror.join()
     dist.barrier()
     obs.close()
     if keys_log:
         keys_log.close()
-    return dict(step=step, rank=rank, world_size=world, skipped_nonfinite=skipped, upload_failures=mirror.failures)
+    stop.restore()
+    return dict(step=step, rank=rank, world_size=world, skipped_nonfinite=skipped, upload_failures=mirror.failures,
+                stopped_by_signal=stop_all)
 
 
 class _Mirror:
@@ -371,6 +399,10 @@ def main(argv: list[str] | None = None) -> int:
     except (storage.StorageError, FileNotFoundError, ValueError) as e:  # data or store unreachable / invalid
         print(f"crossmae-pretrain: error: {e}", file=sys.stderr)
         return 2
+    if result["stopped_by_signal"]:
+        print(f"crossmae-pretrain: stopped by a signal at step {result['step']} after saving a checkpoint; "
+              "run again with --resume auto to continue", file=sys.stderr)
+        return 143
     if result["upload_failures"]:
         print(f"crossmae-pretrain: error: {result['upload_failures']} checkpoint(s) were not mirrored to "
               f"{cfg.run.store} (local copies kept in {cfg.run.output}/checkpoints)", file=sys.stderr)

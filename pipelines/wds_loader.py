@@ -172,6 +172,16 @@ class _EpochStream(IterableDataset):
                     corrupt=dict(bad))
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers ignore SIGTERM / SIGUSR1: launchers (torchrun, Slurm, Kubernetes) signal
+    the whole process tree on preemption, and the trainer must get to save its checkpoint;
+    a worker killed first would take the trainer down with it. Workers still exit with it."""
+    import signal
+
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
+
+
 class StreamingLoader:
     """The rank's loader across epochs; ``state_dict()`` after any batch resumes exactly there."""
 
@@ -211,7 +221,8 @@ class StreamingLoader:
         order = EpochOrder(self.shards.counts, self.seed, self.epoch, self.block_size)
         ds = _EpochStream(self.shards, part, order, self.rank, self.transform, self.seed, self.cache)
         kw = dict(prefetch_factor=self.prefetch_factor, persistent_workers=False) if self.num_workers else {}
-        for batch in DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **kw):
+        for batch in DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                                worker_init_fn=_ignore_stop_signals if self.num_workers else None, **kw):
             self.stats.update(batch.pop("corrupt"))
             self.stats["samples"] += len(batch["label"])
             self.batches_done += 1

@@ -213,3 +213,37 @@ def test_resize_on_the_device_trains_like_the_cpu_path(manifest, tmp_path):
     assert keys_by_step(tmp_path / "cpu") == keys_by_step(tmp_path / "device")
     for a, b in zip(runs["cpu"], runs["device"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-3, abs=2e-3)
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues(manifest, tmp_path):
+    """Preemption: SIGTERM to the launcher (torchrun forwards it to every rank) -> every rank
+    stops at the end of the same step, a checkpoint of that step is saved, resume continues."""
+    import signal
+    import time
+
+    out = tmp_path / "preempt"
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
+               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache/torch_extensions")))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "pipelines.pretrain", *ARGS, f"data.train={manifest}", f"run.output={out}", "run.max_steps=500",
+           "run.save_every=500"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not (out / "metrics.jsonl").exists() or \
+                len((out / "metrics.jsonl").read_text().splitlines()) < 3:
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert "stopped by a signal at step" in err, err[-3000:]
+    tags = sorted(p.name for p in (out / "checkpoints").iterdir() if (p / "COMPLETE").exists())
+    assert len(tags) == 1, tags
+    step = int(tags[0][4:])
+    assert 3 <= step < 500
+    resumed = launch(manifest, out, f"run.max_steps={step + 2}", "run.save_every=500")
+    assert f"resumed from {tags[0]} at step {step}" in resumed.stderr
+    assert records(out)[-1]["step"] == step + 2
