@@ -114,6 +114,11 @@ def error(url: str, e: Exception, action: str) -> StorageError:
     """One StorageError line for a boto3/botocore failure."""
     code, status = _code_status(e)
     where = client().meta.endpoint_url
+    if status >= 500 or status == 429 or not isinstance(e, bexc.ClientError):
+        # botocore's standard mode keeps a retry quota per client (500 tokens, 14 per retry of an
+        # error, 5 of a throttle, 1 back per success): a few requests that failed after all their
+        # retries drain it, and then every later transient error fails at its first attempt.
+        _local.clients = {}
     if isinstance(e, bexc.ClientError):
         if code in ("NoSuchKey", "404", "NotFound"):
             return StorageNotFoundError(f"{url}: no such object ({code or 'NotFound'}, HTTP {status or 404})", url)
@@ -186,10 +191,11 @@ class S3Reader(io.RawIOBase):
         try:
             resp = client().get_object(**kw)
         except bexc.ClientError as e:
-            code, _ = _code_status(e)
-            if code == "InvalidRange":  # 416: start at or past the end: an empty read, like a slice
+            code, status = _code_status(e)
+            # by status too: a damaged error body leaves botocore only the status as the code
+            if code == "InvalidRange" or status == 416:  # start at or past the end: an empty read, like a slice
                 return False
-            if code == "PreconditionFailed":
+            if code == "PreconditionFailed" or status == 412:
                 raise StorageError(f"{self.url}: object was replaced while being read (ETag {self._etag} "
                                    f"no longer matches at byte {self._pos})", self.url) from e
             raise
@@ -209,12 +215,21 @@ class S3Reader(io.RawIOBase):
         """Start the GET now (so a missing object fails at open_read, not at the first read)."""
         if self._body is not None:
             return True
-        try:
-            return self._open()
-        except StorageError:
-            raise
-        except Exception as e:  # botocore has already retried this request if it could
-            raise error(self.url, e, "read") from e
+        failures = 0
+        while True:
+            try:
+                return self._open()
+            except StorageError:
+                raise
+            except (urllib3.exceptions.ProtocolError, urllib3.exceptions.ReadTimeoutError) as e:
+                # an error answer's body broke off: botocore reads the error body of a streaming
+                # operation (GetObject) outside its retry loop (endpoint.convert_to_response_dict)
+                failures += 1
+                if failures >= RESUME_ATTEMPTS:
+                    raise error(self.url, e, "read") from e
+                _backoff(failures)
+            except Exception as e:  # botocore has already retried this request if it could
+                raise error(self.url, e, "read") from e
 
     def _chunk(self, n: int) -> bytes:
         """Up to n bytes at self._pos (b'' only at the end), re-GETting through broken bodies."""
