@@ -32,7 +32,7 @@ from crossmae.visualize import reconstruction_grid
 
 from . import checkpoints as ckpt
 from . import config as config_loader
-from . import storage
+from . import reshard, storage
 from .observe import Observer, code_version, peak_memory_gb, peak_tflops
 from .optim import build_optimizer, lr_at, set_lr
 from .train_config import PretrainConfig, deepspeed_config, resolve_precision
@@ -141,6 +141,13 @@ def train(cfg: PretrainConfig, resume: str = "auto") -> dict:
         cache_dir=cfg.data.shard_cache_dir, cache_bytes=cfg.data.shard_cache_bytes, pin_memory=on_gpu)
     derived = cfg.derived(loader.num_samples, world)
     ds_config = deepspeed_config(cfg, world, on_gpu)
+    tag = resume_tag(cfg, rank) if resume == "auto" else None
+    plan = None
+    if tag:  # saved by another world size: load its universal conversion (made once, on each node)
+        plan = reshard.prepare_resume(os.path.join(cfg.run.output, "checkpoints"), tag, world,
+                                      convert=int(os.environ.get("LOCAL_RANK", 0)) == 0)
+        dist.barrier()
+        ds_config.update(plan.ds_config_patch)  # {"checkpoint": {"load_universal": true}}: read at initialize
     optimizer = build_optimizer(model.to(device), derived["lr"], cfg.optim.weight_decay, cfg.optim.betas)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     if cfg.model.compile:
@@ -164,13 +171,13 @@ def train(cfg: PretrainConfig, resume: str = "auto") -> dict:
                     storage.write_bytes(storage.join(cfg.run.store, name), f.read())
 
     step = 0
-    tag = resume_tag(cfg, rank) if resume == "auto" else None
-    if tag:
-        _, client = engine.load_checkpoint(os.path.join(out, "checkpoints"), tag)
+    if plan:
+        client = reshard.load_checkpoint(engine, plan)
         step = client["step"]
         loader.load_state_dict(client["loader"])
         if rank == 0:
-            print(f"resumed from {tag} at step {step}", file=sys.stderr)
+            how = f" (saved by {plan.saved_world_size} ranks, universal checkpoint)" if plan.universal else ""
+            print(f"resumed from {tag} at step {step}{how}", file=sys.stderr)
 
     def batches():
         while True:

@@ -194,13 +194,25 @@ def test_deepspeed_launcher_bf16(manifest, tmp_path):
     assert consolidated(out, "step00000003")
 
 
-def test_failed_mirror_is_reported_and_the_local_checkpoint_kept(manifest, tmp_path, s3_env):
-    out = tmp_path / "nomirror"
-    proc = launch(manifest, out, "run.max_steps=2", "run.save_every=2", "run.store=s3://no-such-bucket-xyz/run",
-                  expect=1)
-    assert "checkpoint step00000002 not mirrored to s3://no-such-bucket-xyz/run" in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("crossmae-pretrain: error: 1 checkpoint(s) were not mirrored")
-    assert (out / "checkpoints" / "step00000002" / "COMPLETE").exists()
+def test_failed_mirror_is_reported_and_the_local_checkpoint_kept(manifest, tmp_path):
+    """The store takes the run's config but not the checkpoint (its checkpoints/ is a file):
+    the failure is one line, counted, the local checkpoint stays, the run exits 1."""
+    out, store = tmp_path / "nomirror", tmp_path / "store"
+    store.mkdir()
+    (store / "checkpoints").write_text("not a directory")
+    proc = launch(manifest, out, "run.max_steps=2", "run.save_every=2", f"run.store={store}", expect=1)
+    assert f"checkpoint step00000002 not mirrored to {store}" in proc.stderr
+    assert "crossmae-pretrain: error: 1 checkpoint(s) were not mirrored" in proc.stderr
+    assert (out / "checkpoints" / "step00000002" / "COMPLETE").exists() and not (store / "latest").exists()
+    assert (store / "config.yaml").exists()
+
+
+def test_a_store_in_a_missing_bucket_fails_at_start_in_one_line(manifest, tmp_path, s3_env):
+    proc = launch(manifest, tmp_path / "nobucket", "run.max_steps=2", "run.store=s3://no-such-bucket-xyz/run",
+                  launcher="plain", expect=2)
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "crossmae-pretrain: error: s3://no-such-bucket-xyz/run/")
+    assert "Traceback" not in proc.stderr
 
 
 def test_resize_on_the_device_trains_like_the_cpu_path(manifest, tmp_path):
