@@ -85,8 +85,10 @@ def read_checkpoint(f: str | IO[bytes]) -> dict[str, torch.Tensor]:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors come in many types; report one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"refused or unreadable checkpoint: {first}") from None
+        # torch's message opens with advice to retry with weights_only=False: skip to the cause
+        noise = ("Weights only load failed", "Check the documentation", "Please file an issue", "In PyTorch 2.6")
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith(noise)]
+        raise CheckpointError(f"refused or unreadable checkpoint: {lines[0] if lines else type(e).__name__}") from None
     state = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError("checkpoint holds no state dict of tensors (expected a dict, or one under 'model')")

@@ -188,6 +188,9 @@ def consolidate(ckpt_dir: str) -> tuple[dict, dict]:
     import torch
     from deepspeed.utils import zero_to_fp32 as z
 
+    from .checkpoints import check_weights_only
+
+    check_weights_only(ckpt_dir)  # DeepSpeed's loaders below unpickle with weights_only=False
     client = torch.load(z.get_model_state_files(ckpt_dir)[0], map_location="cpu", weights_only=True)
     if not any(n.endswith("_optim_states.pt") for n in os.listdir(ckpt_dir)):  # ZeRO-0: nothing sharded
         return {k: v.float() for k, v in client["module"].items()}, client

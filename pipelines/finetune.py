@@ -35,6 +35,7 @@ import yaml
 
 from . import config as config_loader
 from . import storage
+from .checkpoints import check_weights_only
 from .loaders import LoaderConfig, build_loader
 from .optim import lr_at, set_lr
 from .train_config import DeepSpeedSection, deepspeed_config, resolve_precision
@@ -318,6 +319,7 @@ def finetune(cfg: FinetuneConfig, export: str, resume: str = "auto") -> dict:
     epoch, step, best, history = 0, 0, 0.0, []
     tags = checkpoints(out) if resume == "auto" else []
     if tags:
+        check_weights_only(os.path.join(out, "checkpoints", tags[-1]))  # DeepSpeed unpickles with weights_only=False
         _, client = engine.load_checkpoint(os.path.join(out, "checkpoints"), tags[-1])
         epoch, step, best, history = client["epoch"], client["step"], client["best_top1"], client["history"]
         train_loader.load_state_dict(client["loader"])

@@ -143,6 +143,8 @@ def train(cfg: PretrainConfig, resume: str = "auto") -> dict:
     ds_config = deepspeed_config(cfg, world, on_gpu)
     tag = resume_tag(cfg, rank) if resume == "auto" else None
     plan = None
+    if tag and int(os.environ.get("LOCAL_RANK", 0)) == 0:  # before DeepSpeed unpickles it (weights_only=False)
+        ckpt.check_weights_only(os.path.join(cfg.run.output, "checkpoints", tag))
     if tag:  # saved by another world size: load its universal conversion (made once, on each node)
         plan = reshard.prepare_resume(os.path.join(cfg.run.output, "checkpoints"), tag, world,
                                       convert=int(os.environ.get("LOCAL_RANK", 0)) == 0)
@@ -188,7 +190,7 @@ def train(cfg: PretrainConfig, resume: str = "auto") -> dict:
     obs = Observer(out, rank == 0, max_steps, step, cfg.run.tensorboard)
     mirror = _Mirror(cfg, rank, world)
     fixed = _fixed_batch(cfg, device, dtype)
-    keys_log = open(os.path.join(out, f"keys-rank{rank}.jsonl"), "a") if cfg.run.log_keys else None
+    keys_log = open(os.path.join(out, f"keys-rank{rank}.jsonl"), "a", buffering=1) if cfg.run.log_keys else None
     mc = engine.module.config
     flops_per_img = 3 * flops_per_image(mc, "pred")["total"]  # forward + backward (2x) of the tokens processed
     peak = peak_tflops(cfg.run.peak_tflops)
@@ -395,7 +397,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_loader.load(PretrainConfig, args.config, args.overrides)
         if not cfg.data.train:
             raise config_loader.ConfigError("data.train is not set (a manifest URL or shard pattern)")
-    except config_loader.ConfigError as e:
+        if cfg.data.train.endswith(".json") and not storage.exists(cfg.data.train):  # fail before DeepSpeed starts
+            raise config_loader.ConfigError(f"data.train: no such manifest {cfg.data.train}")
+    except (config_loader.ConfigError, storage.StorageError) as e:
         print(f"crossmae-pretrain: error: {e}", file=sys.stderr)
         return 2
     try:

@@ -111,7 +111,12 @@ def decode_rgb(data: bytes, min_size: tuple[int, int] | None = None) -> np.ndarr
     and anything libjpeg-turbo rejects go through PIL; if that fails too: DecodeError."""
     try:
         h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-        if colorspace not in ("CMYK", "YCCK"):
+    except (ValueError, TypeError):
+        h = w = colorspace = None
+    if h is not None and h * w > Image.MAX_IMAGE_PIXELS:  # a decompression bomb: refuse before allocating
+        raise DecodeError(f"image too large: {w}x{h} pixels (limit {Image.MAX_IMAGE_PIXELS})")
+    try:
+        if h is not None and colorspace not in ("CMYK", "YCCK"):
             kw = {}
             if min_size is not None:
                 k = 1

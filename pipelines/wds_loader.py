@@ -27,6 +27,7 @@ resize them with ``pipelines.transforms.resize_on_device``.
 from __future__ import annotations
 
 import json
+import tarfile
 from collections import Counter
 from dataclasses import dataclass
 
@@ -49,13 +50,22 @@ class ShardList:
 
     @classmethod
     def from_manifest(cls, manifest_url: str) -> "ShardList":
-        m = json.loads(storage.read_bytes(manifest_url))
-        if m.get("format") != "webdataset":
-            raise ValueError(f"{manifest_url}: not a WebDataset manifest (format={m.get('format')!r})")
+        try:
+            m = json.loads(storage.read_bytes(manifest_url))
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise ValueError(f"{manifest_url}: not JSON ({e})") from None
+        fmt = m.get("format") if isinstance(m, dict) else type(m).__name__
+        if fmt != "webdataset":
+            raise ValueError(f"{manifest_url}: not a WebDataset manifest (format={fmt!r})")
+        try:
+            shards = [(str(s["name"]), int(s["num_samples"])) for s in m["shards"]]
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
+            raise ValueError(f"{manifest_url}: malformed shard list ({type(e).__name__}: {e})") from None
+        for name, n in shards:
+            if n < 0 or name.startswith("/") or ".." in name.split("/"):
+                raise ValueError(f"{manifest_url}: bad shard entry {name!r} ({n} samples)")
         base = manifest_url.rsplit("/", 1)[0]
-        return cls(tuple(storage.join(base, s["name"]) for s in m["shards"]),
-                   tuple(int(s["num_samples"]) for s in m["shards"]))
-
+        return cls(tuple(storage.join(base, n) for n, _ in shards), tuple(n for _, n in shards))
 
     @classmethod
     def from_pattern(cls, pattern: str) -> "ShardList":
@@ -94,7 +104,10 @@ class _ShardCursor:
             self._open(shard)
         sample = None
         while self.next_index <= index:
-            sample = next(self.samples, None)
+            try:
+                sample = next(self.samples, None)
+            except (tarfile.TarError, ValueError):  # truncated / damaged tar: the rest of the shard is unreadable
+                sample = None
             self.next_index += 1
             if sample is None:  # shard shorter than the manifest says
                 self.next_index = self.shards.counts[shard] + 1

@@ -228,15 +228,12 @@ def _record(record_property, fault: str, worker: Worker, target: str, n: int) ->
 
 
 # ---------------------------------------------------------------- the fuzz tests
-@pytest.mark.xfail(strict=True, reason="defect: decode_rgb trusts the JPEG header's size: a 1.6 KB JPEG that "
-                                       "claims 60000x60000 px allocates 10.8 GB (MemoryError under the limit; "
-                                       "unlimited: 31 s and 10.8 GB RSS before PIL refuses it)")
 def test_decoder_refuses_a_size_bomb_quickly(worker, record_property):
     """A small JPEG whose header claims 60000x60000 pixels is refused with DecodeError, fast, in bounded memory."""
     record_property("fault", "JPEG size bomb: 1.6 KB file, SOF header says 60000x60000")
     record_property("trials", 1)
     record_property("checked", "DecodeError within 10 s under a 1.5 GB address-space limit")
-    record_property("result", "FAIL (defect): MemoryError (10.8 GB allocation) instead of DecodeError")
+    record_property("result", "pass")
     data = bytearray(SEEDS["jpeg"])
     sof = data.index(b"\xff\xc0")
     data[sof + 5:sof + 9] = (60000).to_bytes(2, "big") * 2
@@ -273,13 +270,11 @@ def test_fuzz_shard_tar_reader(worker, record_property):
     record_property("result", "pass")
 
 
-@pytest.mark.xfail(strict=True, reason="defect: ShardList.from_manifest lets AttributeError / KeyError / TypeError "
-                                       "out for valid JSON of the wrong shape (crossmae-pretrain then prints a traceback)")
 def test_fuzz_manifest_reader(worker, record_property):
     """ShardList.from_manifest on generated JSON (manifest-shaped and arbitrary) and raw bytes."""
     record_property("fault", "fuzzed manifests (schema-shaped JSON, any JSON, random bytes)")
     record_property("trials", 300)
     record_property("checked", "only ValueError / StorageError, no hang")
-    record_property("result", "FAIL (defect): AttributeError/KeyError/TypeError for JSON of the wrong shape")
+    record_property("result", "pass")
     fuzz(worker, "manifest", st.one_of(MANIFEST.map(lambda m: json.dumps(m).encode()),
                                        JSON.map(lambda m: json.dumps(m).encode()), st.binary(max_size=200)), 300)

@@ -96,15 +96,13 @@ def fake_run_checkpoint(run: pathlib.Path, marker: pathlib.Path, evil_in: str) -
 
 @pytest.mark.parametrize("evil_in", [
     "model_states",
-    pytest.param("optim_states", marks=pytest.mark.xfail(strict=True, reason=(
-        "defect: pipelines/export.py consolidate() checks only the first *_model_states.pt with weights_only=True, "
-        "then DeepSpeed's zero_to_fp32 torch.loads every model/optimizer states file with weights_only=False"))),
+    "optim_states",
 ])
 def test_export_of_a_run_refuses_a_malicious_checkpoint(tmp_path, record_property, evil_in):
     """crossmae-export of a run whose checkpoint holds a malicious pickle fails that checkpoint; nothing runs."""
     _record(record_property, f"malicious pickle in a run checkpoint's {evil_in} file (crossmae-export RUN OUT)",
             "export fails that checkpoint, marker file not created",
-            "pass" if evil_in == "model_states" else "FAIL (defect): DeepSpeed's zero_to_fp32 unpickles it")
+            "pass")
     marker = tmp_path / "PWNED"
     fake_run_checkpoint(tmp_path / "run", marker, evil_in)
     proc = cli("pipelines.export", str(tmp_path / "run"), str(tmp_path / "out"))
@@ -113,12 +111,10 @@ def test_export_of_a_run_refuses_a_malicious_checkpoint(tmp_path, record_propert
     assert not (tmp_path / "out/step00000001/export.json").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="defect: --resume auto hands the newest COMPLETE tag to DeepSpeed's "
-                                       "engine.load_checkpoint, which uses torch.load(weights_only=False)")
 def test_trainer_resume_refuses_a_malicious_checkpoint(tmp_path, record_property):
     """A malicious file in the checkpoint --resume auto picks is refused before it is unpickled."""
     _record(record_property, "malicious pickle as the newest COMPLETE checkpoint of run.output (--resume auto)",
-            "marker file not created; one error line", "FAIL (defect): DeepSpeed's load_checkpoint unpickles it")
+            "marker file not created; one error line", "pass")
     make_image_folder(tmp_path / "src", ("a", "b"), per_class=8)
     assert prep(["folder", str(tmp_path / "src"), str(tmp_path / "wds"), "--shard-samples", "8"]) == 0
     marker, run = tmp_path / "PWNED", tmp_path / "run"
@@ -236,7 +232,8 @@ def test_credentials_never_appear_in_run_outputs(tmp_path, s3_bucket, s3_env, re
     outputs.append(cli("pipelines.pretrain", *ARGS, f"data.train={store}/data/train/manifest.json",
                        f"run.output={tmp_path / 'bad'}", env=dict(AWS_SECRET_ACCESS_KEY=SECRET_KEY[::-1])))
     assert [p.returncode for p in outputs[:3]] == [0, 0, 0], [p.stderr[-2000:] for p in outputs]
-    assert outputs[3].returncode != 0 and "SignatureDoesNotMatch" in outputs[3].stderr, outputs[3].stderr[-2000:]
+    assert outputs[3].returncode != 0 and ("SignatureDoesNotMatch" in outputs[3].stderr or "HTTP 403" in outputs[3].stderr), \
+        outputs[3].stderr[-2000:]
     assert (tmp_path / "export/step00000002/export.json").exists()
 
     from pipelines import storage
