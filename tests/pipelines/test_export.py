@@ -138,14 +138,14 @@ def test_a_broken_checkpoint_fails_alone(run, tmp_path, capsys):
 
 def test_export_from_the_s3_store_to_s3(run, s3_env, tmp_path):
     dst = f"s3://{run['bucket']}/exports/r1"
-    # the store holds checkpoints only (no config.yaml): the architecture is read from the weights
+    # the trainer copies its config.yaml into the store, so a store alone describes the run
     assert main([run["store"], dst, "--select", "every:2"]) == 0
     local = tmp_path / "local"
     assert main([str(run["dir"]), str(local)]) == 0
     for tag in TAGS:
         rec = json.loads(storage.read_bytes(f"{dst}/{tag}/export.json"))
-        assert rec["source"] == f"{run['store']}/checkpoints/{tag}" and rec["preset"] is None
-        assert rec["architecture"].startswith("inferred")
+        assert rec["source"] == f"{run['store']}/checkpoints/{tag}"
+        assert rec["preset"] == "crossmae_vit_micro_patch4_dec64d2b" and rec["config_sha256"]
         # the same bytes as the export of the local copy of that checkpoint
         assert rec["weights_sha256"] == json.loads((local / tag / "export.json").read_text())["weights_sha256"]
     (tmp_path / "m").mkdir()
@@ -154,7 +154,16 @@ def test_export_from_the_s3_store_to_s3(run, s3_env, tmp_path):
     assert_same_features(tmp_path / "m", trained_encoder(run["dir"], TAGS[2]))
     assert main([run["store"], dst]) == 0
     assert json.loads(storage.read_bytes(f"{dst}/export-summary.json"))["skipped"] == 3
-    # with the run's config given, the preset and digests are recorded
+    # without config.yaml in the store the architecture is read from the weights; --config names it
+    config_yaml = storage.read_bytes(f"{run['store']}/config.yaml")
+    storage.delete(f"{run['store']}/config.yaml")
+    dst3 = f"s3://{run['bucket']}/exports/r3"
+    try:
+        assert main([run["store"], dst3, "--select", "latest"]) == 0
+    finally:
+        storage.write_bytes(f"{run['store']}/config.yaml", config_yaml)
+    rec = json.loads(storage.read_bytes(f"{dst3}/{TAGS[2]}/export.json"))
+    assert rec["preset"] is None and rec["architecture"].startswith("inferred")
     dst2 = f"s3://{run['bucket']}/exports/r2"
     assert main([run["store"], dst2, "--select", "latest", "--config", str(run["dir"] / "config.yaml")]) == 0
     rec = json.loads(storage.read_bytes(f"{dst2}/{TAGS[2]}/export.json"))

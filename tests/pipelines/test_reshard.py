@@ -59,7 +59,7 @@ def client_state(tag_dir) -> dict:
     return dict(step=sd["step"], loader=sd["loader"])
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [2, 3])  # ZeRO-1: same path as 2 (measured bit for bit too; dropped for suite time)
 def test_optimizer_state_survives_two_to_one_to_two_ranks_bit_for_bit(manifest, tmp_path, stage):
     run, one, two, tag = tmp_path / "run", tmp_path / "one", tmp_path / "two", "step00000002"
     launch(manifest, run, "run.max_steps=2", "run.save_every=2", f"deepspeed.zero_stage={stage}")
