@@ -3,7 +3,7 @@ process) against the same model and the same torch AdamW in a plain PyTorch loop
 steps interleaved so machine noise hits both. Target: DeepSpeed >= 0.9x the plain loop's
 images/s.
 
-    python benchmarks/train_step.py --preset crossmae_vit_small_patch16_dec512d12b --batch 16 \
+    python benchmarks/train_step.py --preset crossmae_vit_small_patch16_dec256d12b --batch 16 \
         --rounds 5 --steps 4 [--stages 0 2] [--json benchmarks/results/train_step.json]
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pipelines.transforms import normalize_batch  # noqa: E402
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="crossmae_vit_small_patch16_dec512d12b")
+    ap.add_argument("--preset", default="crossmae_vit_small_patch16_dec256d12b")
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=5)
