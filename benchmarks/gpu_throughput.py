@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from crossmae import MaskedAutoencoder, flops_per_image, model_config  # noqa: E402
 from pipelines.observe import peak_tflops  # noqa: E402
+from benchmarks._common import emit  # noqa: E402
 from pipelines.optim import build_optimizer  # noqa: E402
 from pipelines.pretrain import init_distributed  # noqa: E402
 from pipelines.transforms import MAETrainTransform, normalize_batch  # noqa: E402
@@ -129,11 +130,7 @@ def main(argv=None) -> int:
             r = dict(bench(models[name], args, device, make(args, device)), model=name, source=source)
             result["runs"].append(r)
             print(json.dumps(r), file=sys.stderr)
-    print(json.dumps(result, indent=1))
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(dict(result, command=" ".join(sys.argv)), f, indent=1)
+    emit(result, args.json)
     return 0
 
 

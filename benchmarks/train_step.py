@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -20,6 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from crossmae import MaskedAutoencoder, model_config  # noqa: E402
+from benchmarks._common import emit  # noqa: E402
 from pipelines.optim import build_optimizer  # noqa: E402
 from pipelines.pretrain import init_distributed  # noqa: E402
 from pipelines.transforms import normalize_batch  # noqa: E402
@@ -92,11 +92,7 @@ def main(argv=None) -> int:
         s = statistics.median(ts)
         result["modes"][name] = dict(step_s=round(s, 4), images_per_s=round(args.batch / s, 2),
                                      vs_plain=round(plain_s / s, 3))
-    print(json.dumps(result, indent=1))
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(dict(result, command=" ".join(sys.argv)), f, indent=1)
+    emit(result, args.json)
     return 0
 
 
