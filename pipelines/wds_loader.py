@@ -186,13 +186,14 @@ class _EpochStream(IterableDataset):
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """Loader workers ignore SIGTERM / SIGUSR1: launchers (torchrun, Slurm, Kubernetes) signal
-    the whole process tree on preemption, and the trainer must get to save its checkpoint;
-    a worker killed first would take the trainer down with it. Workers still exit with it."""
+    """Loader workers outlive SIGTERM / SIGUSR1 by 60 s: launchers (torchrun, Slurm, Kubernetes)
+    signal the whole process tree on preemption, and the trainer must get to save its checkpoint
+    first (a worker killed at once takes the trainer down with it). Not ignored for good: at
+    interpreter exit multiprocessing terminates leftover workers with SIGTERM and waits for them."""
     import signal
 
     for s in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(s, signal.SIG_IGN)
+        signal.signal(s, lambda *_: signal.alarm(60))  # SIGALRM's default action ends the worker
 
 
 class StreamingLoader:
