@@ -185,6 +185,12 @@ CASES = [
     ("prep-verify-missing-manifest", PREP, ["verify", "OUT", "--splits", "train"], None, 1),
     ("prep-unreachable-endpoint", PREP, ["folder", "SRC", "s3://bucket/x"], "unreachable", 1),
     ("prep-bad-credentials", PREP, ["folder", "SRC", "s3://BUCKET/x"], "badcreds", 1),
+    # checked at the door (exit 2, nothing written; tests/data_prep/test_cli_input.py checks both)
+    ("prep-negative-shard-samples", PREP, ["folder", "SRC", "OUT", "--shard-samples", "-5"], None, 1),
+    ("prep-zero-processes", PREP, ["folder", "SRC", "OUT", "--processes", "0"], None, 1),
+    ("prep-quality-out-of-range", PREP, ["folder", "SRC", "OUT", "--quality", "500"], None, 1),
+    ("prep-zero-num-workers", PREP, ["folder", "SRC", "OUT", "--num-workers", "0"], None, 1),
+    ("prep-destination-inside-source", PREP, ["folder", "SRC", "SRC/a/out"], None, 1),
     ("pretrain-unknown-key", PRETRAIN, ["optim.bogus=1", "data.train=x"], None, 1),
     pytest.param("pretrain-missing-manifest", PRETRAIN, ["data.train=MISSING/manifest.json", "run.output=OUT"],
                  None, 1, id="pretrain-missing-manifest"),
