@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+from pathlib import Path
 from typing import IO, Any
 
 import torch
@@ -74,6 +76,25 @@ def library_to_released(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
+def _load_weights_only(f: str | IO[bytes]) -> Any:
+    """``torch.load(weights_only=True)`` allowing ``argparse.Namespace`` and nothing else."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors come in many types; report one line
+        # torch's message opens with advice to retry with weights_only=False: skip to the cause
+        noise = ("Weights only load failed", "Check the documentation", "Please file an issue", "In PyTorch 2.6")
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith(noise)]
+        raise CheckpointError(f"refused or unreadable checkpoint: {lines[0] if lines else type(e).__name__}") from None
+
+
+def _state_of(obj: Any) -> dict[str, torch.Tensor]:
+    state = obj.get("model", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError("checkpoint holds no state dict of tensors (expected a dict, or one under 'model')")
+    return state
+
+
 def read_checkpoint(f: str | IO[bytes]) -> dict[str, torch.Tensor]:
     """The model state dict of a ``.pth`` file (under ``model`` or at top level).
 
@@ -81,18 +102,28 @@ def read_checkpoint(f: str | IO[bytes]) -> dict[str, torch.Tensor]:
     ``argparse.Namespace``, which the released checkpoints store under ``args``. A pickle
     that asks for anything else is refused.
     """
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors come in many types; report one line
-        # torch's message opens with advice to retry with weights_only=False: skip to the cause
-        noise = ("Weights only load failed", "Check the documentation", "Please file an issue", "In PyTorch 2.6")
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith(noise)]
-        raise CheckpointError(f"refused or unreadable checkpoint: {lines[0] if lines else type(e).__name__}") from None
-    state = obj.get("model", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError("checkpoint holds no state dict of tensors (expected a dict, or one under 'model')")
-    return state
+    return _state_of(_load_weights_only(f))
+
+
+# released training arguments -> ModelConfig fields (main_pretrain.py's flag names)
+RELEASED_ARGS = (("mask_ratio", "mask_ratio"), ("kept_mask_ratio", "pred_ratio"), ("norm_pix_loss", "norm_pix_loss"))
+
+
+def masking_from_args(args: Any, decoder: str) -> dict[str, Any]:
+    """mask_ratio / pred_ratio (gamma, ``kept_mask_ratio``) / norm_pix_loss from a released
+    checkpoint's pickled ``args`` (an argparse.Namespace); {} when absent. An MAE decoder
+    predicts every masked patch, so its gamma is p, never kept_mask_ratio."""
+    given = vars(args) if isinstance(args, argparse.Namespace) else {}
+    out: dict[str, Any] = {}
+    for arg, field in RELEASED_ARGS:
+        value = given.get(arg)
+        if field == "norm_pix_loss" and isinstance(value, bool):
+            out[field] = value
+        elif field != "norm_pix_loss" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[field] = float(value)
+    if decoder == "mae":  # gamma = p whatever the args say (import_released sets it)
+        out.pop("pred_ratio", None)
+    return out
 
 
 def _heads_for(width: int, table: dict[int, int]) -> int:
@@ -158,9 +189,24 @@ def load_into(model: MaskedAutoencoder, state: dict[str, torch.Tensor]) -> list[
 
 
 def import_released(f: str | IO[bytes], **overrides) -> MaskedAutoencoder:
-    """Build the model a released ``.pth`` describes and load it strictly."""
-    state = read_checkpoint(f)
-    model = MaskedAutoencoder(config_from_released(state, **overrides))
+    """Build the model a released ``.pth`` describes and load it strictly.
+
+    The architecture comes from the weights; mask_ratio, pred_ratio (gamma) and norm_pix_loss
+    from the pickled training ``args`` when the file has them (a gamma = 0.75 checkpoint imports
+    with gamma = 0.75); ``overrides`` win over both."""
+    obj = _load_weights_only(f)
+    state = _state_of(obj)
+    masking = {field for _, field in RELEASED_ARGS}
+    decoder = config_from_released(state, **{k: v for k, v in overrides.items() if k not in masking}).decoder
+    from_args = masking_from_args(obj.get("args") if isinstance(obj, dict) else None, decoder)
+    merged = {**from_args, **overrides}
+    if decoder == "mae" and "pred_ratio" not in overrides and "mask_ratio" in merged:
+        merged["pred_ratio"] = merged["mask_ratio"]  # MAE predicts every masked patch
+    try:
+        config = config_from_released(state, **merged)
+    except ValueError as e:  # e.g. the caller's mask_ratio below the file's kept_mask_ratio
+        raise CheckpointError(f"{e} (from the checkpoint's args: {from_args})") from None
+    model = MaskedAutoencoder(config)
     load_into(model, state)
     return model
 
@@ -177,10 +223,31 @@ def encoder_state_dict(state: dict[str, torch.Tensor] | MaskedAutoencoder) -> di
     return out
 
 
+# (patch, width, depth, heads) -> timm's name for that ViT; "_<img_size>" is appended
+TIMM_VIT_VARIANTS = {(16, 192, 12, 3): "vit_tiny_patch16", (16, 384, 12, 6): "vit_small_patch16",
+                     (16, 768, 12, 12): "vit_base_patch16", (16, 1024, 24, 16): "vit_large_patch16",
+                     (14, 1280, 32, 16): "vit_huge_patch14"}
+# Encoders no timm variant matches (e.g. micro: 64 wide, patch 4, 32 px) name a plain ViT entry
+# point: model_args set every architecture field and the export's pretrained_cfg every
+# preprocessing field, so the registry defaults of this name are never used.
+GENERIC_TIMM_VIT = "vit_base_patch16_224"
+
+
+def timm_architecture(config: ModelConfig) -> str:
+    """timm's variant name for this encoder (``vit_small_patch16_224`` for ViT-S/16 at 224 px)."""
+    import timm
+
+    c = config
+    base = TIMM_VIT_VARIANTS.get((c.patch_size, c.embed_dim, c.depth, c.num_heads))
+    name = f"{base}_{c.img_size}"
+    return name if base and c.mlp_ratio == 4.0 and c.in_chans == 3 and timm.is_model(name) else GENERIC_TIMM_VIT
+
+
 def timm_config(config: ModelConfig, **pretrained_cfg) -> dict:
-    """timm's ``config.json`` for the exported encoder: ``create_model(architecture,
-    pretrained=True, pretrained_cfg_overlay=dict(file=...), **model_args)`` rebuilds it exactly
-    (global average pooling; no final norm for fusion encoders, as in CrossMAE)."""
+    """timm's ``config.json`` for the exported encoder (global average pooling; no final norm
+    for fusion encoders, as in CrossMAE). :func:`load_timm` is the way to load it: strict, and
+    carrying this pretrained_cfg, which holds the project's eval preprocessing (ImageNet
+    mean/std, bicubic, resize to img_size/0.875 and center crop, as pipelines/transforms.py)."""
     c = config
     model_args = dict(img_size=c.img_size, patch_size=c.patch_size, in_chans=c.in_chans, embed_dim=c.embed_dim,
                       depth=c.depth, num_heads=c.num_heads, mlp_ratio=c.mlp_ratio, qkv_bias=True,
@@ -191,9 +258,12 @@ def timm_config(config: ModelConfig, **pretrained_cfg) -> dict:
         input_size=[c.in_chans, c.img_size, c.img_size], fixed_input_size=True, interpolation="bicubic",
         crop_pct=0.875, crop_mode="center", mean=list(IMAGENET_DEFAULT_MEAN), std=list(IMAGENET_DEFAULT_STD),
         num_classes=0, pool_size=None, first_conv="patch_embed.proj", classifier="head",
+        # no weight source but the export's own file: a recipe that forgets `file` fails instead
+        # of fetching the registry's ImageNet weights for this architecture name
+        url=None, hf_hub_id=None,
     )
     cfg.update(pretrained_cfg)
-    return dict(architecture="vit_base_patch16_224", num_classes=0, num_features=c.embed_dim,
+    return dict(architecture=timm_architecture(c), num_classes=0, num_features=c.embed_dim,
                 global_pool="avg", model_args=model_args, pretrained_cfg=cfg)
 
 
@@ -222,7 +292,9 @@ def create_timm_encoder(config: dict, tensors: dict[str, torch.Tensor], **overri
     """
     import timm
 
-    model = timm.create_model(config["architecture"], pretrained=False, **{**config["model_args"], **overrides})
+    model = timm.create_model(config["architecture"], pretrained=False,
+                              pretrained_cfg_overlay=config.get("pretrained_cfg"),
+                              **{**config["model_args"], **overrides})
     own = model.state_dict()
     if overrides.get("fc_norm"):
         tensors = {k: v for k, v in tensors.items() if not (k.startswith("norm.") and k not in own)}
@@ -232,3 +304,31 @@ def create_timm_encoder(config: dict, tensors: dict[str, torch.Tensor], **overri
         raise CheckpointError(f"export does not fit timm model: missing {bad_missing[:5]}, "
                               f"unexpected {result.unexpected_keys[:5]}")
     return model, sorted(result.missing_keys)
+
+
+def load_timm(export_dir: str | os.PathLike):
+    """An export directory (``model.safetensors`` + ``config.json``) as a timm model, the
+    documented recipe: timm's own loader, STRICT (a missing or extra key is an error), and the
+    export's pretrained_cfg, so ``timm.data.resolve_data_config(model=...)`` gives the project's
+    eval preprocessing. The same as ``timm.create_model("local-dir:" + export_dir,
+    pretrained=True)`` in timm versions with that source (the pinned 1.0.31 has it); this form
+    also works on older timm.
+
+    Overlaying only ``file`` (this project's earlier recipe) keeps the registry's pretrained_cfg:
+    its 1000 classes differ from the export's 0, so timm loads non-strictly, and its data config
+    (mean/std 0.5, crop 0.9) is not the export's. New heads: :func:`create_timm_encoder`.
+    """
+    import timm
+
+    path = Path(export_dir)
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+        arch, pretrained_cfg, model_args = cfg["architecture"], cfg["pretrained_cfg"], cfg["model_args"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: not an export ({type(e).__name__}: {e})") from None
+    try:
+        return timm.create_model(arch, pretrained=True, **model_args,
+                                 pretrained_cfg_overlay=dict(pretrained_cfg, file=str(path / "model.safetensors")))
+    except RuntimeError as e:  # torch's strict load_state_dict: missing / unexpected keys, shapes
+        raise CheckpointError(f"{path} does not load strictly into timm's {arch}: "
+                              f"{' '.join(str(e).split())}") from None

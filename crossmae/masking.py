@@ -18,13 +18,16 @@ import torch
 
 
 def split_counts(num_patches: int, mask_ratio: float, pred_ratio: float) -> tuple[int, int, int]:
-    """(visible, masked-not-predicted, predicted) counts, rounded like the released code."""
+    """(visible, masked-not-predicted, predicted) counts, rounded like the released code:
+    ``int(L*(1-p))``, ``int(L*(p-gamma))``, the rest."""
     if not 0.0 <= mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
     if not 0.0 < pred_ratio <= mask_ratio + 1e-9:
         raise ValueError(f"pred_ratio must be in (0, mask_ratio={mask_ratio}], got {pred_ratio}")
+    # exactly the released code's floors, float error included: no epsilon. L=196, p=0.7,
+    # gamma=0.2: 0.7 - 0.2 = 0.49999999999999994, so 97 skipped and 41 (not 40) predicted
     num_visible = int(num_patches * (1 - mask_ratio))
-    num_skipped = int(num_patches * (mask_ratio - pred_ratio) + 1e-9)
+    num_skipped = int(num_patches * (mask_ratio - pred_ratio))
     num_pred = num_patches - num_visible - num_skipped
     if num_visible < 1 or num_pred < 1:
         raise ValueError(

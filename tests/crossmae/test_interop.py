@@ -8,10 +8,11 @@ import pytest
 import timm
 import torch
 from safetensors.torch import save_file
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_data_config
 
 from crossmae import (CheckpointError, config_from_released, create_model, create_timm_encoder, export_encoder,
-                      import_released, load_into, read_checkpoint)
-from crossmae.interop import library_to_released, tensors_sha256
+                      import_released, list_models, load_into, model_config, read_checkpoint, timm_config)
+from crossmae.interop import GENERIC_TIMM_VIT, library_to_released, load_timm, tensors_sha256
 from tests.conftest import smooth_images
 
 CROSS = "crossmae_vit_micro_patch4_dec64d2b"
@@ -25,23 +26,77 @@ def _write_export(tmp_path, model):
     return tensors, config
 
 
+def _timm_local_dir(export_dir):
+    """The README's second recipe: timm's own local-dir source."""
+    return timm.create_model(f"local-dir:{export_dir}", pretrained=True)
+
+
 @pytest.mark.parametrize("name", [CROSS, MAE])
-def test_export_loads_into_timm_with_identical_features(tmp_path, name):
+@pytest.mark.parametrize("recipe", [load_timm, _timm_local_dir])
+def test_export_loads_into_timm_with_identical_features(tmp_path, name, recipe):
     model = create_model(name).eval()
-    tensors, config = _write_export(tmp_path, model)
+    tensors, _ = _write_export(tmp_path, model)
     assert not any(k.startswith(("decoder", "mask_token", "feature_fusion", "fused_norms")) for k in tensors)
     assert ("norm.weight" in tensors) == (name == MAE)
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    # timm's own loader, strict: the export maps onto VisionTransformer with no renaming
-    vit = timm.create_model(cfg["architecture"], pretrained=True,
-                            pretrained_cfg_overlay=dict(file=str(tmp_path / "model.safetensors")),
-                            **cfg["model_args"]).eval()
+    vit = recipe(tmp_path).eval()  # timm's own loader, strict (next test), no renaming
     x = smooth_images(3)
     with torch.no_grad():
         assert torch.allclose(vit.forward_features(x), model.encoder(x), atol=1e-5)
         pooled = vit(x)
     assert pooled.shape == (3, 64)
     assert torch.allclose(pooled, model.encoder(x)[:, 1:].mean(1), atol=1e-5)
+    # the export's preprocessing, not the registry's ViT-B defaults (mean/std 0.5, 224 px, crop 0.9):
+    # the project's eval transform is ImageNet mean/std, bicubic, resize to size/0.875, center crop
+    data = resolve_data_config({}, model=vit)
+    assert tuple(data["input_size"]) == (3, 32, 32) and data["crop_pct"] == 0.875
+    assert data["interpolation"] == "bicubic" and data["crop_mode"] == "center"
+    assert tuple(data["mean"]) == IMAGENET_DEFAULT_MEAN and tuple(data["std"]) == IMAGENET_DEFAULT_STD
+
+
+@pytest.mark.parametrize("recipe", [load_timm, _timm_local_dir])
+@pytest.mark.parametrize("damage", ["deleted key", "extra key", "wrong shape"])
+def test_documented_timm_recipes_are_strict(tmp_path, recipe, damage):
+    """The earlier recipe (overlaying only `file`) loaded all three: timm turned strict loading
+    off because the registry's 1000 classes differ from the export's 0."""
+    tensors, config = export_encoder(create_model(CROSS))
+    if damage == "deleted key":
+        del tensors["blocks.0.attn.qkv.bias"]
+    elif damage == "extra key":
+        tensors["blocks.0.attn.extra"] = torch.zeros(1)
+    else:
+        tensors["cls_token"] = torch.zeros(1, 1, 32)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    expected = CheckpointError if recipe is load_timm else RuntimeError
+    with pytest.raises(expected, match={"deleted key": "Missing key.*blocks.0.attn.qkv.bias",
+                                        "extra key": "Unexpected key.*blocks.0.attn.extra",
+                                        "wrong shape": "size mismatch for cls_token"}[damage]):
+        recipe(tmp_path)
+
+
+def test_a_recipe_without_the_export_file_fails_instead_of_loading_registry_weights(tmp_path):
+    _, cfg = _write_export(tmp_path, create_model(CROSS))
+    with pytest.raises(RuntimeError, match="No pretrained weights"):
+        timm.create_model(cfg["architecture"], pretrained=True, pretrained_cfg_overlay=cfg["pretrained_cfg"],
+                          **cfg["model_args"])
+    with pytest.raises(CheckpointError, match="not an export"):
+        load_timm(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("size,expected", [("tiny", "vit_tiny_patch16_224"), ("small", "vit_small_patch16_224"),
+                                           ("base", "vit_base_patch16_224"), ("large", "vit_large_patch16_224"),
+                                           ("huge", "vit_huge_patch14_224"), ("micro", GENERIC_TIMM_VIT)])
+def test_config_names_the_timm_variant_of_each_size(size, expected):
+    config = model_config(next(n for n in list_models() if n.startswith(f"crossmae_vit_{size}_")))
+    cfg = timm_config(config)
+    assert cfg["architecture"] == expected
+    if size != "micro":  # timm's own variant has the encoder's shape (built on the meta device: no memory)
+        with torch.device("meta"):
+            vit = timm.create_model(expected, pretrained=False)
+        assert (vit.embed_dim, len(vit.blocks), vit.blocks[0].attn.num_heads, vit.patch_embed.patch_size[0]) == \
+            (config.embed_dim, config.depth, config.num_heads, config.patch_size)
+    assert timm_config(model_config("crossmae_vit_base_patch16_dec512d12b", img_size=384))["architecture"] == \
+        "vit_base_patch16_384"
 
 
 @pytest.mark.parametrize("name", [CROSS, MAE])
@@ -89,6 +144,32 @@ def test_released_checkpoint_imports_strictly_and_reproduces_outputs(tmp_path, n
     assert loaded.config == model.config
     imgs, noise = smooth_images(2), torch.rand(2, 64)
     assert torch.equal(loaded(imgs, noise).pred, model(imgs, noise).pred)
+
+
+def _released_file(path, model, **args):
+    torch.save({"model": library_to_released(model.state_dict()), "epoch": 799,
+                "args": argparse.Namespace(model="mae_vit_micro", blr=1.5e-4, **args)}, path)
+    return str(path)
+
+
+def test_import_takes_masking_and_loss_from_the_released_args(tmp_path):
+    """A gamma = 0.75 CrossMAE file imports with gamma 0.75 (not the preset's 0.25), and
+    mask_ratio / norm_pix_loss as trained; the caller's overrides still win."""
+    model = create_model(CROSS, pred_ratio=0.75, norm_pix_loss=False).eval()
+    path = _released_file(tmp_path / "checkpoint-799.pth", model, mask_ratio=0.75, kept_mask_ratio=0.75,
+                          norm_pix_loss=False, cross_mae=True)
+    loaded = import_released(path)
+    assert (loaded.config.mask_ratio, loaded.config.pred_ratio, loaded.config.norm_pix_loss) == (0.75, 0.75, False)
+    assert loaded.config == model.config
+    assert import_released(path, pred_ratio=0.25).config.pred_ratio == 0.25
+    other = import_released(_released_file(tmp_path / "p6.pth", model, mask_ratio=0.6, kept_mask_ratio=0.15,
+                                           norm_pix_loss=True))
+    assert (other.config.mask_ratio, other.config.pred_ratio, other.config.norm_pix_loss) == (0.6, 0.15, True)
+    # MAE's args have no kept_mask_ratio; its decoder predicts every masked patch
+    mae = import_released(_released_file(tmp_path / "mae.pth", create_model(MAE), mask_ratio=0.6, norm_pix_loss=True))
+    assert (mae.config.decoder, mae.config.mask_ratio, mae.config.pred_ratio) == ("mae", 0.6, 0.6)
+    with pytest.raises(CheckpointError, match="pred_ratio"):
+        import_released(path, mask_ratio=0.5)  # below the file's kept_mask_ratio 0.75
 
 
 def test_encoder_only_release_loads_encoder_and_reports_the_rest():

@@ -42,6 +42,28 @@ def test_predicted_patches_are_a_uniform_subset_of_masked():
     assert torch.allclose(conditional, torch.full((16,), 1 / 3), atol=0.02)
 
 
+RATIO_GRID = [(p, g) for p in (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9) for g in (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75)
+              if g <= p]
+
+
+@pytest.mark.parametrize("num_patches", [16, 49, 64, 144, 196, 256, 576])
+def test_split_counts_round_exactly_like_the_released_code(num_patches):
+    """The authors' random_masking: int(L*(1-p)) visible, int(L*(p-gamma)) masked and not
+    predicted, the rest predicted; no epsilon (p=0.7, gamma=0.2: 0.7-0.2 = 0.49999999999999994)."""
+    for mask_ratio, pred_ratio in RATIO_GRID:
+        visible = int(num_patches * (1 - mask_ratio))
+        skipped = int(num_patches * (mask_ratio - pred_ratio))
+        expected = (visible, skipped, num_patches - visible - skipped)
+        assert split_counts(num_patches, mask_ratio, pred_ratio) == expected, (mask_ratio, pred_ratio)
+        m = random_masking(torch.rand(1, num_patches), mask_ratio, pred_ratio)
+        assert (m.num_visible, m.num_pred) == (expected[0], expected[2])
+
+
+def test_released_rounding_predicts_41_of_196_at_p07_gamma02():
+    assert split_counts(196, 0.7, 0.2) == (58, 97, 41)
+    assert split_counts(64, 0.7, 0.2) == (19, 31, 14)
+
+
 @pytest.mark.parametrize("mask_ratio,pred_ratio", [(0.75, 0.8), (1.0, 0.5), (0.75, 0.0), (0.99, 0.5)])
 def test_invalid_ratios_are_rejected(mask_ratio, pred_ratio):
     with pytest.raises(ValueError):
