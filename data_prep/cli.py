@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
+import urllib.parse
 
 from pipelines import storage
 
 from .plan import workers_from_env
 from .ffcv_out import FFCVOptions
-from .prep import PrepError, PrepOptions, finalize, prepare_ffcv, prepare_split, verify
+from .prep import PrepError, PrepOptions, finalize, prepare_ffcv, prepare_split, prepared_splits, verify
 from .shards import ImageOptions
 from .sources import SourceError, list_image_folder, list_imagenet
 
@@ -28,9 +31,43 @@ def _size(text: str) -> int:
     units = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
     t = text.strip().lower().rstrip("b")
     try:
-        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+        n = int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1GB, 500MB, 1000000)") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, not {text!r}")
+    return n
+
+
+def _int_in(lo: int, hi: int | None = None):
+    """argparse type: an integer in [lo, hi] (hi None: no upper bound)."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if n < lo or (hi is not None and n > hi):
+            raise argparse.ArgumentTypeError(f"must be {f'{lo}..{hi}' if hi is not None else f'>= {lo}'}, not {n}")
+        return n
+    return parse
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def _split_name(text: str) -> str:
+    """A split is a folder and a shard-name prefix under DST: a plain name, never a path
+    ('../escape' would write escape-000000.tar outside the destination)."""
+    if not _PLAIN_NAME.fullmatch(text) or text in (".", ".."):
+        raise argparse.ArgumentTypeError(f"split name {text!r} is not a plain name (letters, digits, - _ .)")
+    return text
+
+
+def _split_list(text: str) -> list[str]:
+    names = [_split_name(s) for s in text.split(",")]
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"a split is named twice in {text!r}")
+    return names
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,50 +82,112 @@ def build_parser() -> argparse.ArgumentParser:
 
     def shard_args(p):
         p.add_argument("src", help="local source directory")
-        p.add_argument("dst", help="destination: local path, file:// or s3://bucket/prefix")
+        p.add_argument("dst", help="destination: local path, file:// or s3://bucket/prefix (not inside SRC)")
         p.add_argument("--format", choices=["wds", "ffcv"], default="wds",
                        help="wds: WebDataset tars (default); ffcv: one .beton per split (needs the ffcv extra)")
-        p.add_argument("--ffcv-write-mode", choices=["raw", "jpg", "smart", "proportion"], default="smart")
-        p.add_argument("--ffcv-max-resolution", type=int, default=512, help="longer side stored in .beton")
-        p.add_argument("--ffcv-quality", type=int, default=90)
+        p.add_argument("--ffcv-write-mode", choices=["raw", "jpg", "smart", "proportion"], default="smart",
+                       help="FFCV's RGBImageField write_mode (default smart)")
+        p.add_argument("--ffcv-max-resolution", type=_int_in(1), default=512,
+                       help="longer side stored in the .beton (default 512)")
+        p.add_argument("--ffcv-quality", type=_int_in(1, 100), default=90,
+                       help="JPEG quality 1..100 of the .beton's compressed images (default 90)")
         size = p.add_mutually_exclusive_group()
         size.add_argument("--shard-bytes", type=_size, default=None, help="target shard size (default 1GB)")
-        size.add_argument("--shard-samples", type=int, default=None, help="samples per shard")
+        size.add_argument("--shard-samples", type=_int_in(1), default=None, help="samples per shard")
         p.add_argument("--seed", type=int, default=0, help="global shuffle seed (default 0)")
         p.add_argument("--validate", choices=["header", "decode"], default="header",
                        help="header: parse headers + end marker (fast); decode: decode every pixel")
-        p.add_argument("--max-size", type=int, default=None,
-                       help="re-encode images whose longer side exceeds this (default: keep original bytes)")
-        p.add_argument("--quality", type=int, default=90, help="JPEG quality for --max-size re-encodes")
-        p.add_argument("--processes", type=int, default=1, help="parallel processes on this machine")
-        p.add_argument("--num-workers", type=int, default=None, help="machines sharing the job")
-        p.add_argument("--worker-index", type=int, default=None, help="this machine's index")
+        p.add_argument("--max-size", type=_int_in(1), default=None,
+                       help="re-encode images whose longer side exceeds this (default: keep original bytes; wds only)")
+        p.add_argument("--quality", type=_int_in(1, 100), default=90,
+                       help="JPEG quality 1..100 for --max-size re-encodes (default 90)")
+        p.add_argument("--processes", type=_int_in(1), default=1, help="parallel processes on this machine")
+        p.add_argument("--num-workers", type=_int_in(1), default=None,
+                       help="machines sharing the job (default: from the environment, else 1)")
+        p.add_argument("--worker-index", type=_int_in(0), default=None,
+                       help="this machine's index 0..num-workers-1 (default: from the environment, else 0)")
         p.add_argument("--summary-json", help="also write the summary here (local path)")
 
     p = sub.add_parser("imagenet", help="ImageNet: extracted tree or the original archives")
     shard_args(p)
-    p.add_argument("--splits", default="train,val", help="comma-separated (default train,val)")
+    p.add_argument("--splits", type=_split_list, default="train,val",
+                   help="comma-separated, of train and val (default train,val)")
     p = sub.add_parser("folder", help="any labelled image folder: SRC/<class>/*.jpg")
     shard_args(p)
-    p.add_argument("--split", default="train", help="split name in the output (default train)")
-    for name, what in (("finalize", "assemble manifest.json after all workers finished"),
-                       ("verify", "re-read shards and check sizes and hashes against the manifest")):
+    p.add_argument("--split", type=_split_name, default="train", help="split name in the output (default train)")
+    for name, what, splits in (
+            ("finalize", "assemble manifest.json after all workers finished", "every split with a _plan.json"),
+            ("verify", "re-read shards and check sizes and hashes against the manifest",
+             "every split with a manifest.json or _plan.json")):
         p = sub.add_parser(name, help=what)
-        p.add_argument("dst")
-        p.add_argument("--splits", default="train,val")
+        p.add_argument("dst", help="the destination the shards were written to")
+        p.add_argument("--splits", type=_split_list, default=None,
+                       help=f"comma-separated; each must exist (default: {splits} under DST)")
     return ap
 
 
+def _local_path(url: str) -> str | None:
+    if url.startswith("s3://"):
+        return None
+    return urllib.parse.unquote(urllib.parse.urlparse(url).path) if url.startswith("file://") else url
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or below it, after resolving links (either may not exist yet)."""
+    p, f = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([p, f]) == f
+
+
+def _door_problem(args) -> str | None:
+    """What is wrong with the arguments, found before anything is read or written (exit 2)."""
+    if args.command not in ("imagenet", "folder"):
+        return None
+    args.num_workers, args.worker_index = workers_from_env(args.num_workers, args.worker_index)
+    if not 0 <= args.worker_index < args.num_workers:
+        return (f"argument --worker-index: worker index {args.worker_index} is outside 0..{args.num_workers - 1} "
+                "(from --worker-index, JOB_COMPLETION_INDEX or SLURM_ARRAY_TASK_ID)")
+    args.splits = args.splits if args.command == "imagenet" else [args.split]
+    if args.command == "imagenet" and set(args.splits) - {"train", "val"}:
+        return f"argument --splits: ImageNet splits are train and val, not {','.join(args.splits)}"
+    if args.format == "ffcv" and args.max_size:
+        return "argument --max-size: re-encodes WebDataset samples only; with --format ffcv use --ffcv-max-resolution"
+    dst = _local_path(args.dst)
+    if dst is not None and _inside(dst, args.src):
+        return (f"the destination {args.dst} is inside the source {args.src}: the next run would read its output "
+                "as input (a new class); choose a destination outside the source")
+    for split in args.splits if dst is not None else ():
+        if _inside(args.src, os.path.join(dst, split)):
+            return (f"the source {args.src} is inside the output folder {os.path.join(dst, split)} that this run "
+                    "writes (and that is deleted to start over); move the source or choose another destination")
+    return None
+
+
+def _say(split: str, res: dict, args) -> None:
+    """The split's one summary line on stderr: everything written, skipped, changed or left out."""
+    if res.get("complete") and not res["written_shards"]:
+        line = f"{split}: already complete ({res['skipped_shards']} shards), nothing written"
+    else:
+        line = (f"{split}: {res.get('written_samples', 0)} samples in {res['written_shards']} new shards "
+                f"({res['skipped_shards']} already done), {res.get('converted', 0)} converted"
+                + (f", {res.get('resized', 0)} resized" if args.max_size else "")
+                + f", {res.get('rejected', 0)} rejected" + (" (listed in manifest.json)" if res.get("rejected") else "")
+                + f", {res.get('seconds', 0)} s")
+    if res.get("ignored"):
+        line += (f"; {res['ignored']} ignored (not images, hidden or links: "
+                 f"{', '.join(res['ignored_examples'][:3])}{', ...' if res['ignored'] > 3 else ''})")
+    if args.num_workers > 1:
+        line += (f" [worker {args.worker_index}/{args.num_workers}"
+                 + ("" if args.worker_index == 0 else "; listing rejects and ignored files: see worker 0")
+                 + f": run `crossmae-prep finalize {args.dst} --splits {split}` when all workers are done]")
+    print(line, file=sys.stderr)
+
+
 def _prepare(args) -> dict:
-    num_workers, worker_index = workers_from_env(args.num_workers, args.worker_index)
-    if not args.shard_bytes and not args.shard_samples:
-        args.shard_bytes = 1_000_000_000
-    opts = PrepOptions(seed=args.seed, shard_bytes=args.shard_bytes, shard_samples=args.shard_samples,
-                       image=ImageOptions(args.validate, args.max_size, args.quality), processes=args.processes,
-                       num_workers=num_workers, worker_index=worker_index)
-    splits = args.splits.split(",") if args.command == "imagenet" else [args.split]
+    opts = PrepOptions(seed=args.seed, shard_bytes=args.shard_bytes or (None if args.shard_samples else 1_000_000_000),
+                       shard_samples=args.shard_samples, image=ImageOptions(args.validate, args.max_size, args.quality),
+                       processes=args.processes, num_workers=args.num_workers, worker_index=args.worker_index)
     results = []
-    for split in splits:
+    for split in args.splits:
         listing = (list_imagenet(args.src, split) if args.command == "imagenet"
                    else list_image_folder(args.src, split))
         if args.format == "ffcv":
@@ -96,28 +195,52 @@ def _prepare(args) -> dict:
                                                                     args.ffcv_quality))
         else:
             res = prepare_split(listing, args.dst, opts)
+        first = args.worker_index == 0  # listing-time findings: counted once, by worker 0
+        res.update(ignored=listing.description["ignored_files"] if first else 0,
+                   ignored_examples=listing.description["ignored_examples"] if first else [])
         results.append(res)
-        print(f"{split}: {res.get('written_samples', 0)} samples in {res['written_shards']} new shards "
-              f"({res['skipped_shards']} already done), {res.get('converted', 0)} converted, "
-              f"{res.get('rejected', 0)} rejected, {res.get('seconds', 0)} s"
-              + ("" if num_workers == 1 else f" [worker {worker_index}/{num_workers}: run `crossmae-prep "
-                 f"finalize {args.dst} --splits {split}` when all workers are done]"), file=sys.stderr)
+        _say(split, res, args)
     return dict(command=args.command, dst=args.dst, splits=results)
 
 
+def _verify(args) -> dict:
+    """Verify the asked-for splits (each must exist), else every split found under DST."""
+    splits, unfinished = args.splits, []
+    if splits is None:
+        found = prepared_splits(args.dst)
+        splits = [s for s, names in found.items() if "manifest.json" in names]
+        unfinished = [s for s, names in found.items() if "manifest.json" not in names]
+        if not found:
+            raise PrepError(f"nothing prepared under {args.dst}: no {{split}}/manifest.json or _plan.json")
+    out = [verify(args.dst, s) for s in splits]
+    for r in out:
+        print(f"{r['split']}: {r['shards']} shards, {len(r['missing'])} missing, {len(r['corrupt'])} corrupt"
+              + (f" ({', '.join((r['missing'] + r['corrupt'])[:5])})" if not r["ok"] else ""), file=sys.stderr)
+    for s in unfinished:
+        print(f"{s}: unfinished: _plan.json but no manifest.json (run the missing workers, then "
+              f"`crossmae-prep finalize {args.dst} --splits {s}`)", file=sys.stderr)
+        out.append(dict(split=s, unfinished=True, shards=0, missing=[], corrupt=[], ok=False))
+    return dict(splits=sorted(out, key=lambda r: r["split"]), ok=all(r["ok"] for r in out))
+
+
+def _finalize(args) -> dict:
+    splits = args.splits
+    if splits is None:
+        splits = [s for s, names in prepared_splits(args.dst).items() if "_plan.json" in names]
+        if not splits:
+            raise PrepError(f"nothing prepared under {args.dst}: no {{split}}/_plan.json")
+    return dict(splits=[{k: v for k, v in finalize(args.dst, s).items() if k in ("split", "num_samples", "num_shards")}
+                        for s in splits])
+
+
 def run(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    if args.command in ("imagenet", "folder"):
-        out = _prepare(args)
-    elif args.command == "finalize":
-        out = dict(splits=[{k: v for k, v in finalize(args.dst, s).items() if k in ("split", "num_samples",
-                   "num_shards")} for s in args.splits.split(",")])
-    else:
-        out = dict(splits=[verify(args.dst, s) for s in args.splits.split(",")])
-        for r in out["splits"]:
-            print(f"{r['split']}: {r['shards']} shards, {len(r['missing'])} missing, {len(r['corrupt'])} corrupt"
-                  + (f" ({', '.join((r['missing'] + r['corrupt'])[:5])})" if not r["ok"] else ""), file=sys.stderr)
-        out["ok"] = all(r["ok"] for r in out["splits"])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    problem = _door_problem(args)
+    if problem:
+        parser.error(problem)
+    out = (_prepare(args) if args.command in ("imagenet", "folder")
+           else _finalize(args) if args.command == "finalize" else _verify(args))
     if getattr(args, "summary_json", None):
         with open(args.summary_json, "w") as f:
             json.dump(out, f, indent=1)

@@ -71,13 +71,13 @@ def write_ffcv_split(listing: SourceListing, dst: str, seed: int, validate: str,
         try:
             checked = check_image(read_item(item), validate)
         except OSError as e:
-            rejects.append(dict(key=item.key, reason=f"unreadable: {e}"))
+            rejects.append(dict(key=item.key, path=item.location, reason=f"unreadable: {e}"))
             continue
         if checked.status == "rejected":
-            rejects.append(dict(key=item.key, reason=checked.reason))
+            rejects.append(dict(key=item.key, path=item.location, reason=checked.reason))
             continue
         if checked.status == "converted":
-            converted.append(dict(key=item.key, reason=checked.reason))
+            converted.append(dict(key=item.key, path=item.location, reason=checked.reason))
         keep.append(i)
     with tempfile.TemporaryDirectory(prefix="crossmae-ffcv-") as tmp:
         path = os.path.join(tmp, name)

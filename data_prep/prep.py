@@ -17,6 +17,7 @@ import json
 import multiprocessing as mp
 import sys
 import time
+import urllib.parse
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 
@@ -122,8 +123,12 @@ def prepare_split(listing: SourceListing, dst: str, opts: PrepOptions, progress:
     summary = dict(split=listing.split, planned_shards=len(shards), worker_shards=len(mine),
                    skipped_shards=len(mine) - len(todo), written_shards=len(records),
                    written_samples=sum(r["num_samples"] for r in records),
-                   rejected=sum(len(r["rejects"]) for r in records) + len(listing.rejects),
+                   # listing-time rejects are every worker's, so only worker 0 counts them: the workers'
+                   # summaries add up to the manifest's num_rejected
+                   rejected=sum(len(r["rejects"]) for r in records) + (len(listing.rejects) if opts.worker_index == 0
+                                                                       else 0),
                    converted=sum(len(r["converted"]) for r in records),
+                   resized=sum(r["status"].get("resized", 0) for r in records),
                    seconds=round(time.time() - t0, 3))
     if opts.num_workers == 1:
         summary["manifest_samples"] = finalize(dst, listing.split)["num_samples"]
@@ -147,11 +152,15 @@ def finalize(dst: str, split: str) -> dict:
         raise PrepError(f"{len(missing)} of {len(plan['shards'])} shards of {split_url} are not finished "
                         f"(first: {missing[0]}); run the missing workers, then finalize again")
     rejects = list(plan["listing_rejects"]) + [r for p in shards for r in p["rejects"]]
-    return write_manifest(split_url, "webdataset", plan, shards, rejects, [c for p in shards for c in p["converted"]])
+    return write_manifest(split_url, "webdataset", plan, shards, rejects, [c for p in shards for c in p["converted"]],
+                          sum(p["status"].get("resized", 0) for p in shards))
 
 
-def write_manifest(split_url: str, fmt: str, plan: dict, shards: list[dict], rejects: list, converted: list) -> dict:
-    """The one manifest schema (WebDataset and FFCV), written LAST: it marks the split complete."""
+def write_manifest(split_url: str, fmt: str, plan: dict, shards: list[dict], rejects: list, converted: list,
+                   num_resized: int = 0) -> dict:
+    """The one manifest schema (WebDataset and FFCV), written LAST: it marks the split complete.
+    Rejects and conversions are listed (key, source path, reason); --max-size re-encodes are only
+    counted (with --max-size most of ImageNet's 1.28 M images are re-encoded: a list would be huge)."""
     manifest = dict(
         format=fmt, split=plan["split"], plan_digest=plan["plan_digest"],
         num_samples=sum(p["num_samples"] for p in shards), num_shards=len(shards),
@@ -160,6 +169,7 @@ def write_manifest(split_url: str, fmt: str, plan: dict, shards: list[dict], rej
         classes=plan["classes"], class_map={c: i for i, c in enumerate(plan["classes"])},
         source=plan["source"], options=plan["options"], tool=plan["tool"],
         num_rejected=len(rejects), rejects=rejects, num_converted=len(converted), converted=converted,
+        num_resized=num_resized,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
     _put_json(storage.join(split_url, "manifest.json"), manifest)
@@ -186,6 +196,18 @@ def prepare_ffcv(listing: SourceListing, dst: str, opts: PrepOptions, ffcv_opts)
     manifest = write_manifest(split_url, "ffcv", plan, [rec], rec["rejects"], rec["converted"])
     return dict(split=listing.split, written_shards=1, skipped_shards=0, written_samples=manifest["num_samples"],
                 rejected=manifest["num_rejected"], converted=manifest["num_converted"], seconds=rec["seconds"])
+
+
+def prepared_splits(dst: str) -> dict[str, set[str]]:
+    """{split: which of manifest.json / _plan.json it holds} for every split folder directly under ``dst``."""
+    found: dict[str, set[str]] = {}
+    for url, _ in storage.list_objects(storage.join(dst, "")):
+        parts = url.rstrip("/").split("/")
+        if len(parts) >= 2 and parts[-1] in ("manifest.json", "_plan.json"):
+            split = urllib.parse.unquote(parts[-2]) if url.startswith("file://") else parts[-2]
+            if storage.exists(storage.join(dst, split, parts[-1])):  # directly under dst, not deeper
+                found.setdefault(split, set()).add(parts[-1])
+    return dict(sorted(found.items()))
 
 
 def verify(dst: str, split: str, progress: bool | None = None) -> dict:

@@ -79,9 +79,9 @@ def write_shard(url: str, items: list, read: Callable, opts: ImageOptions, progr
                 checked = Checked(None, "rejected", f"unreadable: {e}")
             status[checked.status] += 1
             if checked.status == "rejected":
-                rejects.append(dict(key=item.key, reason=checked.reason))
+                rejects.append(dict(key=item.key, path=item.location, reason=checked.reason))
             elif checked.status == "converted":
-                converted.append(dict(key=item.key, reason=checked.reason))
+                converted.append(dict(key=item.key, path=item.location, reason=checked.reason))
             if checked.data is not None:
                 out.write(tar_member(f"{item.key}.jpg", checked.data) + tar_member(f"{item.key}.cls",
                                                                                    str(item.label).encode()))

@@ -37,6 +37,11 @@ class SourceItem:
     offset: int = 0  # absolute offset of the bytes inside ``path`` when in_archive
     in_archive: bool = False
 
+    @property
+    def location(self) -> str:
+        """Where the bytes are, as the manifest's rejects / converted name it: the file, or archive@offset."""
+        return f"{self.path}@{self.offset}" if self.in_archive else self.path
+
 
 @dataclass
 class SourceListing:
@@ -125,7 +130,8 @@ def _subdirs(path: str) -> list[str]:
 
 def _scan_classes(root: str, names: list[str], recurse: bool = True) -> _Acc:
     acc = _scan(root, None, recurse=False)  # files directly under root: no class folder
-    acc.ignored = [p for p in acc.ignored if not os.path.isdir(p)]
+    scanned = {os.path.join(root, c) for c in names}  # hidden folders stay ignored (and counted)
+    acc.ignored = [p for p in acc.ignored if p not in scanned]
     with ThreadPoolExecutor(_THREADS) as pool:
         for sub in pool.map(lambda c: _scan(os.path.join(root, c), c, recurse), names):
             acc.merge(sub)
@@ -149,10 +155,12 @@ def _tar_members(path: str, tar: tarfile.TarFile, limit: int, base: int, cls: st
     """Index a tar's image members: absolute offset = ``base`` + member's offset_data."""
     try:
         for m in tar:
-            if not m.isfile():
+            if m.isdir():
                 continue
             name = os.path.basename(m.name)
-            if name.startswith(".") or not _is_image(name):
+            if not m.isfile() and _is_image(name) and not name.startswith("."):
+                acc.reject(f"{where}:{m.name}", "link member in archive", make_key(name))  # no bytes of its own
+            elif not m.isfile() or name.startswith(".") or not _is_image(name):
                 acc.ignored.append(f"{where}:{m.name}")
             elif m.issparse() or m.offset_data + m.size > limit:
                 acc.reject(f"{where}:{m.name}", "sparse tar member" if m.issparse() else "truncated archive member",
@@ -198,7 +206,7 @@ def _finish(split: str, acc: _Acc, classes: list[str], description: dict, where:
     """Entries -> labelled, deduplicated, key-sorted items; the description gets the counts."""
     index, items = {c: i for i, c in enumerate(classes)}, []
     for key, path, size, offset, in_archive, cls in acc.entries:
-        loc = f"{path}@{offset}" if in_archive else path
+        loc = SourceItem(key, 0, size, path, offset, in_archive).location
         if cls is None:
             acc.reject(loc, "no label", key)
         elif cls not in index:

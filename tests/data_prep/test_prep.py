@@ -219,3 +219,54 @@ def test_unwritable_destination_and_bad_credentials(tmp_path, capsys, s3_env, mo
     assert main(["folder", str(src), "s3://whatever/x"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "crossmae-prep: error:" in err and "wrong-secret-value" not in err
+
+
+def test_rejects_and_conversions_carry_the_source_path_for_every_reason(tmp_path):
+    src = make_folder(tmp_path / "src", bad=True)
+    assert run_cli("folder", src, tmp_path / "out", "--shard-samples", 16) == 0
+    manifest = json.loads((tmp_path / "out/train/manifest.json").read_text())
+    for entry in manifest["rejects"] + manifest["converted"]:
+        assert pathlib.Path(entry["path"]).is_file() and pathlib.Path(entry["path"]).stem == entry["key"], entry
+    assert len(manifest["rejects"]) == 3 and len(manifest["converted"]) == 3
+
+
+def test_max_size_re_encodes_are_counted_in_manifest_and_summary(tmp_path, capsys):
+    src = make_folder(tmp_path / "src", per_class=4)  # 40..120 px images
+    large = sum(max(Image.open(p).size) > 80 for p in src.glob("*/*.jpg"))
+    assert 0 < large < 16
+    assert run_cli("folder", src, tmp_path / "out", "--shard-samples", 5, "--max-size", 80, "--quality", 70) == 0
+    manifest = json.loads((tmp_path / "out/train/manifest.json").read_text())
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])["splits"][0]
+    assert manifest["num_resized"] == summary["resized"] == large and f"{large} resized" in captured.err
+    samples, _ = read_shards(tmp_path / "out/train")
+    assert max(max(Image.open(io.BytesIO(data)).size) for _, data in samples.values()) == 80
+
+
+def test_worker_summaries_add_up_to_the_manifest_counts(tmp_path, capsys):
+    """Listing-time rejects (the empty file) are counted by worker 0 only, never once per worker."""
+    src = make_folder(tmp_path / "src", bad=True)
+    summaries = []
+    for w in (0, 1, 2):
+        assert run_cli("folder", src, tmp_path / "out", "--shard-samples", 8, "--num-workers", 3,
+                       "--worker-index", w) == 0
+        summaries.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["splits"][0])
+    assert run_cli("finalize", tmp_path / "out", "--splits", "train") == 0
+    manifest = json.loads((tmp_path / "out/train/manifest.json").read_text())
+    assert manifest["num_rejected"] == 3 == sum(s["rejected"] for s in summaries)
+    assert manifest["num_converted"] == 3 == sum(s["converted"] for s in summaries)
+    assert manifest["num_samples"] == sum(s["written_samples"] for s in summaries)
+
+
+def test_ignored_files_are_counted_and_said_on_stderr(tmp_path, capsys):
+    src = make_folder(tmp_path / "src", per_class=2)
+    (src / "cat" / "notes.txt").write_text("not an image")
+    (src / "dog" / ".DS_Store").write_bytes(b"\0")
+    (src / ".cache").mkdir()  # a hidden folder at the top: not a class, not silently dropped either
+    (src / ".cache" / "x.jpg").write_bytes(b"\0")
+    assert run_cli("folder", src, tmp_path / "out") == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])["splits"][0]
+    assert summary["ignored"] == 3 and "3 ignored" in captured.err and "notes.txt" in captured.err
+    manifest = json.loads((tmp_path / "out/train/manifest.json").read_text())
+    assert manifest["source"]["ignored_files"] == 3

@@ -205,3 +205,18 @@ def test_source_item_is_frozen_with_archive_defaults():
     assert (it.offset, it.in_archive) == (0, False)
     with pytest.raises(Exception):
         it.key = "other"
+
+
+def test_link_members_of_an_archive_are_counted_not_skipped_silently(tmp_path):
+    fx = make_imagenet_archives(tmp_path, labels="loc", train=False)
+    with tarfile.open(fx.files["val"], "a") as tar:
+        link = tarfile.TarInfo("ILSVRC2012_val_00000099.JPEG")
+        link.type, link.linkname = tarfile.SYMTYPE, "ILSVRC2012_val_00000001.JPEG"
+        tar.addfile(link)
+        notes = tarfile.TarInfo("notes")
+        notes.type, notes.linkname = tarfile.LNKTYPE, "ILSVRC2012_val_00000001.JPEG"
+        tar.addfile(notes)
+    lst = list_imagenet(str(tmp_path), "val")
+    assert len(lst.items) == len(fx.val)
+    assert [(r["key"], r["reason"]) for r in lst.rejects] == [("ILSVRC2012_val_00000099", "link member in archive")]
+    assert lst.description["ignored_files"] == 1  # "notes": not an image name
