@@ -345,24 +345,59 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+# subcommand -> one-line help; the first ("") is the default, chosen when argv[0] is no subcommand
+SUBCOMMANDS = {
+    "": "export a run's checkpoints: crossmae-export SOURCE OUT [options]",
+    "released": "export a released CrossMAE / MAE .pth: crossmae-export released FILE OUT [options]",
+}
+EXAMPLES = """examples:
+  crossmae-export runs/r1 exports/r1                                   every complete checkpoint
+  crossmae-export s3://b/runs/r1 s3://b/exports/r1 --select every:10000 --jobs 4 --full
+  crossmae-export runs/r1 exports/r1 --select tags:step00001000,step00002000
+  crossmae-export released mae_pretrain_vit_base.pth exports/released
+
+Each export OUT/<name>/ holds model.safetensors (encoder, timm names), config.json (timm),
+export.json (provenance, written last) and with --full full.safetensors (encoder + decoder).
+Load one in timm: crossmae.interop.load_timm(OUT/<name>)."""
+
+
+def build_parser(subcommand: str = "") -> _Parser:
+    """The parser of one subcommand ("" = exporting a run); every argument has a help line."""
+    listing = "\n".join(f"  {name or '(none)':<10}{text}" for name, text in SUBCOMMANDS.items())
+    usage = "\n       ".join(text.split(": ", 1)[1] for text in SUBCOMMANDS.values())
+    what = ("a released CrossMAE / MAE checkpoint -> a timm-compatible encoder export" if subcommand
+            else __doc__.splitlines()[0].split(": ", 1)[1])
+    ap = _Parser(prog=PROG + (f" {subcommand}" if subcommand else ""), usage=usage,
+                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+                 description=f"{what}\n\nsubcommands:\n{listing}\n  (`{PROG} released --help` for its options)")
+    if subcommand == "released":
+        ap.add_argument("file", help="released CrossMAE / MAE .pth (local or s3://); read with weights_only, "
+                                     "only argparse.Namespace allowed beyond tensors")
+        ap.add_argument("out", help="export root: the export goes to OUT/NAME/")
+        ap.add_argument("--name", help="export directory name (default: the file name without .pth)")
+        ap.add_argument("--preset", help="take head counts from this preset, for widths no preset has "
+                                         "(default: the preset of the same width)")
+    else:
+        ap.add_argument("source", help="run directory (run.output) or checkpoint store (run.store), local or s3://")
+        ap.add_argument("out", help="export root: one directory OUT/<tag>/ per checkpoint")
+        ap.add_argument("--select", default="all", metavar="SPEC",
+                        help="which complete checkpoints: all | latest | every:N (steps divisible by N) | "
+                             "tags:TAG,TAG (default all)")
+        ap.add_argument("--config", metavar="YAML",
+                        help="the run's resolved config.yaml when SOURCE has none (default: SOURCE/config.yaml, "
+                             "else the architecture is inferred from the weights)")
+        ap.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="checkpoints exported in parallel, one process each (default 1)")
+    ap.add_argument("--full", action="store_true", help="also write full.safetensors (encoder + decoder, "
+                                                        "library names) for reconstruction demos")
+    ap.add_argument("--summary", metavar="URL", help="JSON summary path (default OUT/export-summary.json)")
+    return ap
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     released = bool(argv) and argv[0] == "released"
-    ap = _Parser(prog=PROG + (" released" if released else ""),
-                                 description=__doc__.splitlines()[0].split(": ", 1)[1])
-    if released:
-        ap.add_argument("file", help="released CrossMAE / MAE .pth (local or s3://)")
-        ap.add_argument("out", help="export root: the export goes to OUT/NAME/")
-        ap.add_argument("--name", help="export directory name (default: the file name without .pth)")
-        ap.add_argument("--preset", help="take head counts from this preset (widths no preset has)")
-    else:
-        ap.add_argument("source", help="run directory or checkpoint store (local or s3://)")
-        ap.add_argument("out", help="export root: one directory OUT/<tag>/ per checkpoint")
-        ap.add_argument("--select", default="all", help="all | latest | every:N | tags:TAG,TAG (default all)")
-        ap.add_argument("--config", help="the run's config.yaml when SOURCE has none (default: infer from weights)")
-        ap.add_argument("--jobs", type=int, default=1, help="checkpoints exported in parallel (processes)")
-    ap.add_argument("--full", action="store_true", help="also write full.safetensors (encoder + decoder)")
-    ap.add_argument("--summary", help="JSON summary path (default OUT/export-summary.json)")
+    ap = build_parser("released" if released else "")
     args = ap.parse_args(argv[1:] if released else argv)
     t0 = time.time()
     summary_url = args.summary or storage.join(_url(args.out), "export-summary.json")

@@ -231,3 +231,21 @@ def test_bad_input_is_one_line_and_exit_2(run, tmp_path, capsys, argv, message):
     assert code == 2 and len(err) == 1 and err[0].startswith("crossmae-export"), err
     assert message.format(**fill) in err[0]
     assert not os.path.exists(tmp_path / "export-summary.json")
+
+
+def test_help_lists_every_subcommand_and_explains_every_option(capsys):
+    from pipelines.export import SUBCOMMANDS, build_parser
+
+    for sub in SUBCOMMANDS:
+        with pytest.raises(SystemExit) as e:
+            main(([sub] if sub else []) + ["--help"])
+        text = capsys.readouterr().out
+        assert e.value.code == 0
+        for name in SUBCOMMANDS:  # each help page names every subcommand and how to call it
+            assert SUBCOMMANDS[name].split(": ", 1)[1] in text
+        assert f"crossmae-export released {'FILE' if sub else ''}".strip() in text
+        actions = build_parser(sub)._actions
+        assert all(a.help and a.help.strip() for a in actions), [a.dest for a in actions if not a.help]
+        for a in actions:  # and every option is on the page
+            assert all(opt in text for opt in a.option_strings) and (a.option_strings or a.dest in text)
+    assert set(SUBCOMMANDS) == {"", "released"}
