@@ -22,6 +22,7 @@ class Checked:
     data: bytes | None  # JPEG bytes to store, None if rejected
     status: str  # "ok" | "converted" | "resized" | "rejected"
     reason: str = ""
+    resized: bool = False  # re-encoded smaller for max_size (status "resized", or "converted" when also not RGB JPEG)
 
 
 def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
@@ -90,12 +91,15 @@ def check_image(data: bytes, validate: str = "header", max_size: int | None = No
         img.load()
     except Exception as e:
         return Checked(None, "rejected", f"corrupt image data: {type(e).__name__}: {str(e)[:80]}")
+    what = f"{mode} JPEG" if fmt == "JPEG" else f"{fmt} image"
     if max_size and max(size) > max_size:
         scale = max_size / max(size)
         img = img.convert("RGB").resize((max(1, round(size[0] * scale)), max(1, round(size[1] * scale))),
                                         Image.Resampling.BICUBIC)
-        return Checked(_encode(img, quality), "resized", f"{size[0]}x{size[1]} -> {img.size[0]}x{img.size[1]}")
+        resize = f"{size[0]}x{size[1]} -> {img.size[0]}x{img.size[1]}"
+        if is_rgb_jpeg:
+            return Checked(_encode(img, quality), "resized", resize, resized=True)
+        return Checked(_encode(img, quality), "converted", f"{what} converted to RGB JPEG, {resize}", resized=True)
     if is_rgb_jpeg:
         return Checked(data, "ok")
-    what = f"{mode} JPEG" if fmt == "JPEG" else f"{fmt} image"
     return Checked(_encode(img, CONVERT_QUALITY), "converted", f"{what} converted to RGB JPEG")

@@ -128,7 +128,7 @@ def prepare_split(listing: SourceListing, dst: str, opts: PrepOptions, progress:
                    rejected=sum(len(r["rejects"]) for r in records) + (len(listing.rejects) if opts.worker_index == 0
                                                                        else 0),
                    converted=sum(len(r["converted"]) for r in records),
-                   resized=sum(r["status"].get("resized", 0) for r in records),
+                   resized=sum(r.get("num_resized", 0) for r in records),
                    seconds=round(time.time() - t0, 3))
     if opts.num_workers == 1:
         summary["manifest_samples"] = finalize(dst, listing.split)["num_samples"]
@@ -153,7 +153,7 @@ def finalize(dst: str, split: str) -> dict:
                         f"(first: {missing[0]}); run the missing workers, then finalize again")
     rejects = list(plan["listing_rejects"]) + [r for p in shards for r in p["rejects"]]
     return write_manifest(split_url, "webdataset", plan, shards, rejects, [c for p in shards for c in p["converted"]],
-                          sum(p["status"].get("resized", 0) for p in shards))
+                          sum(p.get("num_resized", 0) for p in shards))
 
 
 def write_manifest(split_url: str, fmt: str, plan: dict, shards: list[dict], rejects: list, converted: list,

@@ -69,7 +69,7 @@ class ImageOptions:
 def write_shard(url: str, items: list, read: Callable, opts: ImageOptions, progress: Callable[[int], None] = None
                 ) -> dict:
     """Write the items (SourceItems) to ``url``; return the shard's part record."""
-    status, rejects, converted, count = Counter(), [], [], 0
+    status, rejects, converted, count, resized = Counter(), [], [], 0, 0
     with storage.open_write(url) as sink:
         out = _HashingWriter(sink)
         for item in items:
@@ -78,6 +78,7 @@ def write_shard(url: str, items: list, read: Callable, opts: ImageOptions, progr
             except OSError as e:
                 checked = Checked(None, "rejected", f"unreadable: {e}")
             status[checked.status] += 1
+            resized += checked.resized
             if checked.status == "rejected":
                 rejects.append(dict(key=item.key, path=item.location, reason=checked.reason))
             elif checked.status == "converted":
@@ -90,4 +91,4 @@ def write_shard(url: str, items: list, read: Callable, opts: ImageOptions, progr
                 progress(1)
         out.write(b"\0" * 1024)  # end of archive: two zero blocks
     return dict(num_samples=count, bytes=out.bytes, sha256=out.sha.hexdigest(), status=dict(status),
-                rejects=rejects, converted=converted)
+                rejects=rejects, converted=converted, num_resized=resized)

@@ -65,3 +65,12 @@ def test_max_size_resizes_longer_side_and_reencodes():
     assert Image.open(io.BytesIO(out.data)).size == (100, 40)
     small = _jpeg(size=(80, 60))
     assert check_image(small, "header", max_size=100).data is small
+
+
+def test_a_conversion_that_is_also_resized_stays_listed_as_a_conversion():
+    out = check_image(_jpeg(mode="CMYK", size=(200, 100)), max_size=50)
+    assert out.status == "converted" and out.resized and "CMYK" in out.reason and "200x100 -> 50x25" in out.reason
+    assert _is_rgb_jpeg(out.data) and Image.open(io.BytesIO(out.data)).size == (50, 25)
+    small = check_image(_jpeg(mode="CMYK", size=(40, 20)), max_size=50)
+    assert small.status == "converted" and not small.resized
+    assert check_image(_jpeg(size=(200, 100)), max_size=50).resized
