@@ -20,7 +20,11 @@ from .pos_embed import sincos_2d
 
 
 class CrossAttention(nn.Module):
-    """Queries (N, Q, dim) attend to context (N, T, context_dim); no query-query mixing."""
+    """Queries (N, Q, dim) attend to context (N, T, context_dim); no query-query mixing.
+
+    ``kv`` (N, T, 2*dim), when given, is ``self.kv(context)`` computed beforehand (the
+    decoder projects every block's keys/values in one batched GEMM, see ``CrossDecoder``).
+    """
 
     def __init__(self, dim: int, context_dim: int, num_heads: int):
         super().__init__()
@@ -31,11 +35,12 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(context_dim, 2 * dim)  # keys/values straight from encoder width
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, kv: torch.Tensor | None = None):
         n, q_len, dim = x.shape
         h = self.num_heads
         q = self.q(x).reshape(n, q_len, h, dim // h).transpose(1, 2)
-        k, v = self.kv(context).reshape(n, -1, 2, h, dim // h).permute(2, 0, 3, 1, 4)
+        kv = self.kv(context) if kv is None else kv
+        k, v = kv.reshape(n, -1, 2, h, dim // h).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v)  # flash / memory-efficient kernels on GPUs
         return self.proj(out.transpose(1, 2).reshape(n, q_len, dim))
 
@@ -58,11 +63,31 @@ class CrossDecoderBlock(nn.Module):
         self.norm2 = LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, kv: torch.Tensor | None = None):
         if self.has_self_attn:
             x = x + self.self_attn(self.norm0(x))
-        x = x + self.cross_attn(self.norm1(x), context)
+        x = x + self.cross_attn(self.norm1(x), context, kv)
         return x + self.mlp(self.norm2(x))
+
+
+class FeatureFusion(nn.Linear):
+    """Inter-block attention's mixing weights W (depth, k), no bias: fused_i = sum_j W[i, j] * map_j.
+
+    Stored as ``nn.Linear(k, depth)`` (the released ``wfm.linear``, same name and shape) but
+    applied as ONE (depth x k) @ (k x N*T*C) GEMM on the maps stacked along a new LEADING dim,
+    so each fused map is a contiguous slab. Stacking on the last dim instead (Linear over k,
+    then ``fused[..., i]``) cost a quarter of CrossMAE's H200 step: a strided cat (7.6 ms), a
+    k=13 GEMM on a slow kernel and 12 strided copies (issue 12).
+    """
+
+    def __init__(self, num_feature_maps: int, depth: int):
+        super().__init__(num_feature_maps, depth, bias=False)
+
+    def forward(self, maps: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """k maps of shape S (a list, or stacked (k, *S)) -> the depth fused maps (depth, *S)."""
+        stacked = maps if isinstance(maps, torch.Tensor) else torch.stack(list(maps))
+        fused = torch.mm(self.weight, stacked.reshape(stacked.shape[0], -1))
+        return fused.view(self.out_features, *stacked.shape[1:])
 
 
 class CrossDecoder(nn.Module):
@@ -93,7 +118,7 @@ class CrossDecoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, dim), requires_grad=False)
         if fuse_features:
-            self.feature_fusion = nn.Linear(num_feature_maps, depth, bias=False)
+            self.feature_fusion = FeatureFusion(num_feature_maps, depth)
             self.fused_norms = nn.ModuleList(LayerNorm(encoder_dim) for _ in range(depth))
         self.decoder_blocks = nn.ModuleList(
             CrossDecoderBlock(dim, encoder_dim, num_heads, mlp_ratio, self_attn) for _ in range(depth)
@@ -113,20 +138,51 @@ class CrossDecoder(nn.Module):
         return self.mask_token + gather_tokens(pos, ids_query)
 
     def contexts(self, encoder_out: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
-        """The keys/values input of each decoder block."""
+        """The keys/values input of each decoder block: LayerNorm_i(fused_i), or the encoder output."""
         if not self.fuse_features:
             return [encoder_out] * len(self.decoder_blocks)
-        stacked = torch.stack(encoder_out, dim=-1)  # (N, T, C, k)
-        fused = self.feature_fusion(stacked)  # (N, T, C, depth)
-        return [norm(fused[..., i]) for i, norm in enumerate(self.fused_norms)]
+        fused = self.feature_fusion(encoder_out)  # (depth, N, T, C), each slab contiguous
+        # unbind, not fused[i]: its backward is one stack, where each of 12 selects would fill a
+        # zeroed full-size gradient and add it up (10% of a CPU decoder step). One LayerNorm
+        # module call per block: exact, ZeRO-3 gathers each norm's weights, and a single
+        # layer_norm + stacked affine would keep one more (depth, N, T, C) fp32 tensor for backward.
+        return [norm(f) for norm, f in zip(self.fused_norms, fused.unbind(0))]
+
+    def project_kv(self, contexts: list[torch.Tensor]) -> torch.Tensor:
+        """Every block's keys/values (depth, N, T, 2*dim) in one batched GEMM: they depend on the
+        contexts only, not on the queries. Same result as each block's ``cross_attn.kv``."""
+        kv_layers = [blk.cross_attn.kv for blk in self.decoder_blocks]
+        weight = torch.stack([m.weight for m in kv_layers])  # (depth, 2*dim, C)
+        bias = torch.stack([m.bias for m in kv_layers])  # (depth, 2*dim)
+        depth, two_dim, width = weight.shape
+        n, t, _ = contexts[0].shape
+        if not self.fuse_features:  # one shared context: one GEMM against all blocks' weights
+            kv = F.linear(contexts[0], weight.reshape(depth * two_dim, width), bias.reshape(-1))
+            return kv.view(n, t, depth, two_dim).permute(2, 0, 1, 3)
+        ctx = torch.stack(contexts).view(depth, n * t, width)
+        kv = torch.baddbmm(bias.unsqueeze(1), ctx, weight.transpose(1, 2))
+        return kv.view(depth, n, t, two_dim)
+
+    def _params_partitioned(self) -> bool:
+        # DeepSpeed ZeRO-3 gathers a module's own parameters only while that module runs, so
+        # project_kv (reading every block's kv weights from here) would see empty shards.
+        return hasattr(self.decoder_blocks[0].cross_attn.kv.weight, "ds_id")
 
     def forward(self, encoder_out, ids_query: torch.Tensor) -> torch.Tensor:
         x = self.queries(ids_query)
-        for blk, context in zip(self.decoder_blocks, self.contexts(encoder_out)):
-            if self.grad_checkpointing and self.training:
+        if self.grad_checkpointing and self.training:
+            # K/V recomputed inside each checkpointed block: only the contexts stay saved, as
+            # before (precomputed K/V for all blocks would add depth x N x T x 2*dim).
+            for blk, context in zip(self.decoder_blocks, self.contexts(encoder_out)):
                 x = checkpoint(blk, x, context, use_reentrant=False)
-            else:
+        elif self._params_partitioned():
+            for blk, context in zip(self.decoder_blocks, self.contexts(encoder_out)):
                 x = blk(x, context)
+        else:
+            # the contexts list is a temporary: after the batched projection only its stacked
+            # copy (saved by baddbmm) stays, where the per-block path kept all 12 contexts alive
+            for blk, kv in zip(self.decoder_blocks, self.project_kv(self.contexts(encoder_out)).unbind(0)):
+                x = blk(x, kv=kv)
         return self.decoder_pred(self.decoder_norm(x))
 
 
