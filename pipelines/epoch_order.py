@@ -216,3 +216,77 @@ def merge(intervals: list[Interval]) -> list[Interval]:
         else:
             out.append((a, b))
     return out
+
+
+class EmptyEpochError(ValueError):
+    """A whole epoch would give this rank no batch: the batch is larger than the rank's share of
+    the samples (with drop_last). An error at once, never an endless loop of empty epochs."""
+
+
+class EpochCursor:
+    """Where one rank is in the sequence of epochs, shared by both loaders: the epoch, what is
+    left of its order (``remaining``; None = all of it), the partition being read and how many of
+    its batches were delivered. Subclasses set ``num_samples``, ``world_size``, ``batch_size``,
+    ``drop_last``, ``seed`` and ``_readers`` (DataLoader workers, or 1) before ``_check_not_empty``."""
+
+    epoch, remaining, batches_done, _current = 0, None, 0, None
+
+    def _partition(self, remaining=None) -> Partition:
+        remaining = remaining if remaining is not None else (
+            self.remaining if self.remaining is not None else [(0, self.num_samples)])
+        return Partition(tuple(tuple(iv) for iv in remaining), self.world_size, self._readers, self.batch_size,
+                         self.drop_last)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches every rank yields in a whole epoch (the same on every rank)."""
+        return self._partition([(0, self.num_samples)]).batches_per_rank
+
+    def __len__(self) -> int:
+        """Exactly how many batches the next ``for batch in loader`` yields on this rank: a whole
+        epoch, or what is left of the current one (after load_state_dict or a loop left early)."""
+        part = self._current or self._partition()
+        return part.batches_per_rank - self.batches_done
+
+    def _check_not_empty(self) -> None:
+        if self.batches_per_epoch == 0:
+            per_rank = self.num_samples // self.world_size
+            raise EmptyEpochError(
+                f"an epoch gives no batch: {self.num_samples} samples over {self.world_size} rank(s) are "
+                f"{per_rank} per rank, fewer than one batch of {self.batch_size} (the short batch is dropped); "
+                f"lower the batch size to <= {per_rank} or use fewer ranks or more samples")
+
+    def _begin(self) -> Partition:
+        """The partition the next batches come from. A loop left mid-epoch continues where it
+        stopped: the rest of the epoch, cut anew (as a restart from state_dict() would)."""
+        self._check_not_empty()
+        if self._current is not None and self.batches_done:
+            rest = self._current.remaining_after(self.batches_done)
+            if not rest:  # the last batch was delivered but the loop never came back to end the epoch
+                self._end_epoch()
+            else:
+                self.remaining = rest
+        if self._current is None or self.batches_done:
+            self._current, self.batches_done = self._partition(), 0
+        return self._current
+
+    def _end_epoch(self) -> None:
+        self.epoch, self.remaining, self.batches_done, self._current = self.epoch + 1, None, 0, None
+
+    def _position(self) -> dict:
+        """The resume state: the epoch and the not-yet-consumed intervals of its order."""
+        part = self._current
+        remaining = part.remaining_after(self.batches_done) if part is not None else (
+            self.remaining if self.remaining is not None else [(0, self.num_samples)])
+        epoch = self.epoch
+        if part is not None and not remaining:  # the epoch's last batch was consumed
+            epoch, remaining = epoch + 1, [(0, self.num_samples)]
+        return dict(epoch=epoch, seed=self.seed, num_samples=self.num_samples,
+                    samples_consumed=self.num_samples - total(remaining), remaining=[list(iv) for iv in remaining])
+
+    def _load_position(self, state: dict) -> None:
+        if state["num_samples"] != self.num_samples:
+            raise ValueError(f"loader state is for {state['num_samples']} samples, the data has {self.num_samples}")
+        self.epoch, self.seed = state["epoch"], state.get("seed", self.seed)
+        self.remaining = [tuple(iv) for iv in state["remaining"]]
+        self._current, self.batches_done = None, 0

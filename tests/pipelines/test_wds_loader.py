@@ -163,3 +163,87 @@ def test_any_webdataset_shards_by_brace_pattern(shards):
     pattern = str(base / f"train-{{000000..{n - 1:06d}}}.tar")
     by_manifest, by_pattern = take(loader(shards)), take(loader(pattern))
     assert keys_of(by_manifest) == keys_of(by_pattern)
+
+
+@pytest.mark.parametrize("samples,world,batch", [(N, 1, 2000), (15, 2, 8)])
+def test_a_batch_larger_than_the_rank_share_is_an_error_not_an_endless_loop(shards, tmp_path, samples, world, batch):
+    from pipelines.epoch_order import EmptyEpochError
+    from pipelines.wds_loader import ShardList
+
+    few = ShardList.from_manifest(str(shards)) if samples == N else _first_samples(shards, samples)
+    assert sum(few.counts) == samples
+    with pytest.raises(EmptyEpochError) as e:
+        StreamingLoader(few, batch_size=batch, transform=MAETrainTransform(32), rank=world - 1, world_size=world,
+                        num_workers=2)
+    assert isinstance(e.value, ValueError)
+    assert f"{samples} samples over {world} rank(s)" in str(e.value) and f"batch of {batch}" in str(e.value)
+
+
+def _first_samples(shards, n):
+    """The first shards of the manifest, cut to ``n`` samples in all (the rest of the last one unread)."""
+    from pipelines.wds_loader import ShardList
+
+    full = ShardList.from_manifest(str(shards))
+    urls, counts, left = [], [], n
+    for url, c in zip(full.urls, full.counts):
+        if left <= 0:
+            break
+        urls.append(url)
+        counts.append(min(c, left))
+        left -= c
+    return ShardList(tuple(urls), tuple(counts))
+
+
+@pytest.mark.parametrize("world,workers,drop_last", [(1, 0, True), (2, 3, True), (3, 2, False)])
+def test_len_is_exactly_what_the_next_loop_yields_and_a_loop_left_early_continues(shards, world, workers, drop_last):
+    for r in range(world):
+        ld = loader(shards, rank=r, world_size=world, num_workers=workers, drop_last=drop_last)
+        assert len(ld) == ld.batches_per_epoch
+        first = take(ld)
+        assert len(first) == ld.batches_per_epoch
+        it = iter(ld)  # epoch 1: leave the loop after 2 batches, as a trainer saving mid-epoch
+        head = [next(it), next(it)]
+        del it
+        assert len(ld) == ld.batches_per_epoch - 2
+        rest = take(ld)  # the rest of epoch 1, not epoch 1 again
+        assert len(rest) == ld.batches_per_epoch - 2 and ld.epoch == 2
+        ks = keys_of(head + rest)
+        assert len(ks) == len(set(ks)) if drop_last else True
+        assert sorted(int(i) for b in head + rest for i in b["index"]) == \
+            sorted(int(i) for b in first for i in b["index"])  # the same positions as a whole epoch
+        ld.close()
+
+
+def _damaged_copy(shards, out):
+    out.mkdir()
+    for p in pathlib.Path(shards).parent.iterdir():
+        if p.is_file():
+            (out / p.name).write_bytes(p.read_bytes())
+    short = out / "train-000003.tar"  # cut the last 2 samples off one shard
+    with tarfile.open(short) as tar:
+        cut_at = [m for m in tar.getmembers() if m.name.endswith(".jpg")][-2].offset
+    short.write_bytes(short.read_bytes()[:cut_at] + b"\0" * 1024)
+    return out / "manifest.json", str(short)
+
+
+def test_a_damaged_shard_is_said_once_per_rank_on_stderr_and_counted(shards, tmp_path, capfd):
+    manifest, short = _damaged_copy(shards, tmp_path / "train")
+    ld = loader(manifest, num_workers=2)
+    skipped = []
+    for _ in range(2):
+        for b in ld:
+            skipped += b["skipped"]
+    ld.close()
+    err = capfd.readouterr().err
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert len(warnings) == 1, err  # two epochs, two workers: said once
+    assert short in warnings[0] and "unreadable after 14 of its 16 samples" in warnings[0]
+    assert {(s.url, s.reason) for s in skipped} == {(short, "missing")} and sum(s.count for s in skipped) == 4
+    assert ld.stats["missing"] == 4 and ld.skipped == 4 and dict(ld.skipped_by_shard[short]) == {"missing": 4}
+    assert ld.samples_seen == ld.stats["samples"] - 4 == 2 * len(ld) * 8 - 4
+    assert ld.skipped_fraction == pytest.approx(4 / ld.stats["samples"])
+    assert "4 skipped" in ld.summary() and short in ld.summary()
+    resumed = loader(manifest)
+    resumed.load_state_dict(ld.state_dict())
+    assert resumed.skipped == 4 and resumed.samples_seen == ld.samples_seen and resumed.skipped_by_shard == \
+        ld.skipped_by_shard
