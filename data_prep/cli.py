@@ -3,7 +3,10 @@
     crossmae-prep imagenet /data/imagenet s3://bucket/imagenet-wds --splits train,val --processes 8
     crossmae-prep folder /data/flowers ./flowers-wds --split train --shard-samples 5000
     crossmae-prep finalize s3://bucket/imagenet-wds --splits train     (after all array workers)
-    crossmae-prep verify s3://bucket/imagenet-wds --splits train,val
+    crossmae-prep verify s3://bucket/imagenet-wds          (every split found; --splits: these, each must exist)
+
+Options are checked before anything is read or written (one stderr line, exit 2): sizes and
+counts > 0, qualities 1..100, split names plain (no paths), the destination outside the source.
 
 Multi-machine: every worker runs the same command with --num-workers M --worker-index I
 (defaults from JOB_COMPLETION_INDEX / SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT or
@@ -94,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         size = p.add_mutually_exclusive_group()
         size.add_argument("--shard-bytes", type=_size, default=None, help="target shard size (default 1GB)")
         size.add_argument("--shard-samples", type=_int_in(1), default=None, help="samples per shard")
-        p.add_argument("--seed", type=int, default=0, help="global shuffle seed (default 0)")
+        p.add_argument("--seed", type=_int_in(0), default=0, help="global shuffle seed, >= 0 (default 0)")
         p.add_argument("--validate", choices=["header", "decode"], default="header",
                        help="header: parse headers + end marker (fast); decode: decode every pixel")
         p.add_argument("--max-size", type=_int_in(1), default=None,
@@ -151,6 +154,10 @@ def _door_problem(args) -> str | None:
         return f"argument --splits: ImageNet splits are train and val, not {','.join(args.splits)}"
     if args.format == "ffcv" and args.max_size:
         return "argument --max-size: re-encodes WebDataset samples only; with --format ffcv use --ffcv-max-resolution"
+    if args.format == "ffcv" and args.num_workers > 1:
+        return "argument --num-workers: FFCV output is one file per split; use --processes, not several workers"
+    if args.summary_json and not os.path.isdir(os.path.dirname(os.path.abspath(args.summary_json))):
+        return f"argument --summary-json: no folder for {args.summary_json} (it is written after the run)"
     dst = _local_path(args.dst)
     if dst is not None and _inside(dst, args.src):
         return (f"the destination {args.dst} is inside the source {args.src}: the next run would read its output "
