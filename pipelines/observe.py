@@ -7,6 +7,7 @@ import os
 import resource
 import subprocess
 import sys
+import time
 
 import numpy as np
 import torch
@@ -115,3 +116,108 @@ class Observer:
         for h in (self.bar, self.tb, self.metrics):
             if h:
                 h.close()
+
+
+def model_flops_utilization(flops_per_image: float, images_per_s_per_device: float, peak: float | None) -> float | None:
+    """Achieved model FLOPs (forward + backward of the tokens processed) over the device's dense
+    bf16 peak; the trainer and benchmarks/gpu_throughput.py report the same number."""
+    return round(flops_per_image * images_per_s_per_device / (peak * 1e12), 4) if peak else None
+
+
+class DataLossError(RuntimeError):
+    """More samples were damaged / undecodable than ``data.max_skipped_fraction`` allows."""
+
+
+class RunMetrics:
+    """The trainer's metrics component: every ``run.log_every`` steps one record (loss, lr, grad
+    norm, img/s, data-wait share, peak memory, MFU, skipped samples) to metrics.jsonl and
+    TensorBoard, reduced over ranks in ONE collective; the skipped-sample budget; the
+    end-of-run summary line."""
+
+    def __init__(self, cfg, obs: Observer, loader, world: int, device: torch.device, flops_per_image: float):
+        self.cfg, self.obs, self.loader, self.world, self.device = cfg, obs, loader, world, device
+        self.flops_per_image, self.peak = flops_per_image, peak_tflops(cfg.run.peak_tflops)
+        self.imgs_per_step = cfg.effective_batch(world)
+        self.t_start = self.t_last = time.perf_counter()
+        self.data_wait, self.window, self.losses = 0.0, 0, []
+        self.steps_run = self.skipped_nonfinite = 0
+        self.last_loss = self.last_ips = None
+        self.warned_skips = 0
+
+    def skipped_step(self, step: int, ranks: int, in_row: int, total: int) -> None:
+        self.skipped_nonfinite = total
+        self.obs.message(f"step {step}: non-finite loss on {ranks} rank(s); micro-batch skipped "
+                         f"({in_row} in a row, {total} in total)")
+
+    def _loader_counts(self) -> tuple[int, int]:
+        stats = getattr(self.loader, "stats", {}) or {}
+        skipped = sum(v for k, v in stats.items() if k != "samples")
+        seen = getattr(self.loader, "samples_seen", None) or stats.get("samples", 0)
+        return skipped, seen
+
+    def step(self, step: int, result, lr: float, engine) -> None:
+        from . import distributed
+
+        self.steps_run += 1
+        self.window += 1
+        self.data_wait += result.data_wait
+        self.losses.append(result.loss)
+        self.last_loss = result.loss
+        self.obs.step(loss=result.loss, lr=lr)
+        if step % self.cfg.run.log_every and step != self.obs.total:
+            return
+        now = time.perf_counter()
+        seconds = now - self.t_last
+        skipped, seen = self._loader_counts()
+        share = self.data_wait / seconds
+        # log steps only: the counts summed, the slowest rank's data-wait share
+        skipped_all, seen_all = distributed.all_reduce_values([skipped, seen])
+        share_max = distributed.all_reduce(torch.tensor([share], dtype=torch.float64), op="max").item()
+        ips = self.window * self.imgs_per_step / seconds
+        self.last_ips = ips
+        grad_norm = engine.get_global_grad_norm()
+        stats = getattr(self.loader, "stats", {}) or {}
+        self.obs.log(dict(step=step, epoch=getattr(self.loader, "epoch", None), loss=sum(self.losses) / len(self.losses),
+                          lr=lr, grad_norm=None if grad_norm is None else float(grad_norm),
+                          images_per_s=round(ips, 2), images_per_s_per_rank=round(ips / self.world, 2),
+                          data_wait_share=round(share, 4), data_wait_share_max=round(share_max, 4),
+                          peak_memory_gb=round(peak_memory_gb(self.device), 3),
+                          mfu=model_flops_utilization(self.flops_per_image, ips / self.world, self.peak),
+                          skipped_nonfinite=self.skipped_nonfinite, skipped_samples=int(skipped_all),
+                          samples_seen=int(seen_all),
+                          skipped_samples_rank0={k: v for k, v in stats.items() if k != "samples"},
+                          seconds=round(seconds, 4)))
+        self.t_last, self.data_wait, self.window, self.losses = now, 0.0, 0, []
+        limit = self.cfg.data.max_skipped_fraction
+        if seen_all and skipped_all / seen_all > limit:
+            raise DataLossError(f"{int(skipped_all)} of {int(seen_all)} samples ({skipped_all / seen_all:.1%}) were "
+                                f"damaged or undecodable and replaced, above data.max_skipped_fraction={limit:g}; "
+                                "run `crossmae-prep verify` on the shards")
+
+    def recon(self, step: int, module, fixed) -> None:
+        from crossmae.visualize import reconstruction_grid
+
+        try:
+            grid = reconstruction_grid(module, *fixed, title=f"step {step}")
+        except TypeError:  # an older grid without titles
+            grid = reconstruction_grid(module, *fixed)
+        self.obs.recon(step, grid)
+
+    def finish(self, step: int, checkpointer) -> dict:
+        from . import distributed
+
+        skipped, seen = self._loader_counts()
+        skipped_all, seen_all = distributed.all_reduce_values([skipped, seen])
+        seconds = time.perf_counter() - self.t_start
+        ips = self.steps_run * self.imgs_per_step / seconds if seconds > 0 else 0.0
+        latest = os.path.join(self.cfg.run.output, "checkpoints", f"step{step:08d}")
+        where = f"{latest}" + (f" (mirrored to {self.cfg.run.store})" if self.cfg.run.store else "")
+        loss = "n/a" if self.last_loss is None else f"{self.last_loss:.4f}"
+        line = (f"crossmae-pretrain: done: step {step} ({self.steps_run} this run), final loss {loss}, "
+                f"{ips:.1f} img/s, checkpoint {where}")
+        if skipped_all:
+            line += (f"; {int(skipped_all)} of {int(seen_all)} samples damaged and replaced "
+                     "(see the warnings above; `crossmae-prep verify` names the shards)")
+        self.obs.message(line)
+        self.obs.close()
+        return dict(final_loss=self.last_loss, images_per_s=ips, skipped_samples=int(skipped_all))

@@ -1,43 +1,46 @@
-"""``crossmae-pretrain``: DeepSpeed ZeRO pretraining of CrossMAE / MAE.
+"""``crossmae-pretrain``: DeepSpeed pretraining of CrossMAE / MAE.
 
-    deepspeed --num_gpus 8 -m pipelines.pretrain --config run.yaml data.train=s3://b/in1k/train/manifest.json
+    deepspeed --num_gpus 8 --module pipelines.pretrain --config run.yaml data.train=s3://b/in1k/train/manifest.json
     torchrun --nproc_per_node 2 -m pipelines.pretrain --config run.yaml deepspeed.zero_stage=3
     crossmae-pretrain --config run.yaml run.max_steps=100          (one plain process)
 
 Reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR from the launcher (``--local_rank`` is
 accepted and ignored). Writes into ``run.output``: config.yaml (resolved), deepspeed.json,
 metrics.jsonl (rank 0), checkpoints/<tag>/ (DeepSpeed checkpoints whose client state holds the
-loader position and step). ``--resume auto`` continues from the newest complete checkpoint
-with exactly the samples not yet seen. Masking noise is drawn from a generator seeded by
-(seed, step, micro-step, rank), so a resumed run computes what an uninterrupted one would.
+loader position, step and samples seen). ``--resume auto`` continues from the newest complete
+checkpoint with exactly the samples not yet seen, after checking that the checkpoint's model
+and data settings are the ones asked for.
+
+The components: pipelines/train_step.py (one optimizer step, shared with the GPU benchmark),
+pipelines/checkpointer.py (save / resume / store mirror), pipelines/observe.py (metrics),
+pipelines/distributed.py (every collective), the loader factory (pipelines/loaders.py).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import shutil
 import signal
 import socket
 import sys
-import threading
 import time
+import traceback
 
 import torch
 import yaml
 
-from crossmae import MaskedAutoencoder
 from crossmae.flops import flops_per_image
-from crossmae.visualize import reconstruction_grid
 
-from . import checkpoints as ckpt
 from . import config as config_loader
-from . import reshard, storage
-from .observe import Observer, code_version, peak_memory_gb, peak_tflops
-from .optim import build_optimizer, lr_at, set_lr
-from .train_config import PretrainConfig, deepspeed_config, resolve_precision
-from .transforms import MAETrainTransform, normalize_batch, resize_on_device
-from .wds_loader import StreamingLoader
+from . import distributed, storage
+from .checkpointer import Checkpointer, complete_tags, local_rank
+from .observe import Observer, RunMetrics, code_version
+from .optim import lr_at, set_lr
+from .run_checks import check_resume_config, describe_schedule_change, short_run_warning
+from .train_config import PretrainConfig, deepspeed_config, default_num_workers, resolve_precision
+from .train_step import NonFiniteLoss, TrainStep, build_engine
+
+checkpoints = complete_tags  # the old name (pipelines.demo, tests)
 
 
 def _free_port() -> int:
@@ -53,33 +56,17 @@ def init_distributed(on_gpu: bool) -> tuple[int, int]:
     if "RANK" not in os.environ:  # a plain process: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
-    if on_gpu:
+    if on_gpu:  # before the process group: NCCL binds each rank's communicator to its device
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    distributed.install_device_check_from_env()  # tests: CROSSMAE_CHECK_COLLECTIVES=meta
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-
-
-def checkpoints(out: str) -> list[str]:
-    """Complete checkpoint tags, oldest first: a tag counts once its marker file exists."""
-    root = os.path.join(out, "checkpoints")
-    if not os.path.isdir(root):
-        return []
-    return sorted(t for t in os.listdir(root) if os.path.exists(os.path.join(root, t, "COMPLETE")))
-
-
-def _noise(cfg: PretrainConfig, step: int, micro: int, rank: int, n: int, num_patches: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(((cfg.run.seed * 1_000_003 + step) * 1009 + micro) * 65537 + rank)
-    return torch.rand(n, num_patches, generator=g)
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 class _StopRequest:
     """SIGTERM / SIGUSR1 (preemption, Slurm's --signal, Kubernetes' grace period) only set a flag;
-    the flag rides on the per-micro-batch all-reduce, and every rank then saves a checkpoint at
-    the end of the same step and stops."""
+    the flag rides on the step's all-reduce, and every rank then saves a checkpoint at the end
+    of the same step and stops."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -95,301 +82,175 @@ class _StopRequest:
             signal.signal(s, handler)
 
 
-def _injected_faults() -> dict[int, int]:
-    """Test-only fault injection: CROSSMAE_FAULT_NONFINITE="7:1,9:10" makes rank 0's loss NaN on
-    the first 1 (10) attempts of step 7 (9). Unset in real runs."""
-    spec = os.environ.get("CROSSMAE_FAULT_NONFINITE", "")
-    out = {}
-    for item in filter(None, spec.split(",")):
-        step, _, count = item.partition(":")
-        out[int(step)] = int(count or 1)
-    return out
+def train_transform(cfg: PretrainConfig):
+    """The per-sample training transform for ``data.resize`` / ``data.decode``."""
+    from .transforms import MAETrainTransform
+
+    if cfg.data.decode == "gpu":
+        from .device_decode import JpegCropTransform
+
+        return JpegCropTransform(cfg.data.image_size)
+    return MAETrainTransform(cfg.data.image_size, resize=cfg.data.resize)
 
 
-def _fixed_batch(cfg: PretrainConfig, device, dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+def build_loader(cfg: PretrainConfig, rank: int, world: int, on_gpu: bool):
+    """The training loader: WebDataset shards (a manifest or a brace pattern) stream with exact
+    elastic resume; an FFCV manifest goes through the loader factory (pipelines/loaders.py)."""
+    from .loaders import LoaderConfig, build_loader as factory
+    from .wds_loader import StreamingLoader
+
+    workers = cfg.data.num_workers
+    if workers is None:
+        workers = default_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    if cfg.data.train.endswith(".json"):
+        try:
+            manifest = json.loads(storage.read_bytes(cfg.data.train))
+        except ValueError:
+            manifest = None  # StreamingLoader.from_manifest names the problem
+        if isinstance(manifest, dict) and manifest.get("format") == "ffcv":
+            if cfg.data.decode != "cpu" or cfg.data.resize != "cpu":
+                raise config_loader.ConfigError("data.decode=gpu / data.resize=device need WebDataset shards "
+                                                "(FFCV decodes and resizes in its own CPU pipeline)")
+            return factory(LoaderConfig(cfg.data.train, batch_size=cfg.deepspeed.micro_batch, num_workers=workers,
+                                        seed=cfg.run.seed, image_size=cfg.data.image_size, block_size=cfg.data.block_size),
+                           train=True, rank=rank, world_size=world)
+        return StreamingLoader.from_manifest(
+            cfg.data.train, batch_size=cfg.deepspeed.micro_batch, transform=train_transform(cfg), rank=rank,
+            world_size=world, num_workers=workers, seed=cfg.run.seed, block_size=cfg.data.block_size,
+            cache_dir=cfg.data.shard_cache_dir, cache_bytes=cfg.data.shard_cache_bytes, pin_memory=on_gpu)
+    from .wds_loader import ShardList
+
+    return StreamingLoader(ShardList.from_spec(cfg.data.train), batch_size=cfg.deepspeed.micro_batch,
+                           transform=train_transform(cfg), rank=rank, world_size=world, num_workers=workers,
+                           seed=cfg.run.seed, block_size=cfg.data.block_size, cache_dir=cfg.data.shard_cache_dir,
+                           cache_bytes=cfg.data.shard_cache_bytes, pin_memory=on_gpu)
+
+
+def _fixed_batch(cfg: PretrainConfig, device) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The reconstruction grid's images (eval crop of the first samples of the epoch order) and
     masking noise: the same on every rank and at every grid, so grids compare across steps."""
     if not cfg.run.recon_every:
         return None
     from .loaders import EvalTransform
+    from .transforms import normalize_batch
+    from .wds_loader import StreamingLoader
 
     loader = StreamingLoader.from_manifest(cfg.data.train, batch_size=cfg.run.recon_images,
                                            transform=EvalTransform(cfg.data.image_size), num_workers=0,
                                            seed=cfg.run.seed, block_size=cfg.run.recon_images)
     batch = next(iter(loader))
-    imgs = normalize_batch(batch["image"], device, dtype)
-    mc = cfg.model_config()
-    noise = torch.rand(imgs.shape[0], mc.num_patches, generator=torch.Generator().manual_seed(cfg.run.seed + 1))
+    imgs = normalize_batch(batch["image"], device, torch.float32)
+    noise = torch.rand(imgs.shape[0], cfg.model_config().num_patches, generator=torch.Generator().manual_seed(cfg.run.seed + 1))
     return imgs, noise.to(device)
 
 
-def train(cfg: PretrainConfig, resume: str = "auto") -> dict:
-    import deepspeed
-    import deepspeed.comm as dist
+def _write_run_files(cfg: PretrainConfig, ds_config: dict, derived: dict, world: int, precision: str, on_gpu: bool):
+    out = cfg.run.output
+    files = {"config.yaml": yaml.safe_dump(config_loader.to_dict(cfg), sort_keys=False),
+             "deepspeed.json": json.dumps(dict(ds_config, derived=derived), indent=1),
+             "version.json": json.dumps(dict(code_version(), world_size=world, precision=precision,
+                                             device=torch.cuda.get_device_name() if on_gpu else "cpu"), indent=1)}
+    for name, text in files.items():
+        with open(os.path.join(out, name), "w") as f:
+            f.write(text)
+        if cfg.run.store:  # the store alone must describe the run (crossmae-export reads config.yaml)
+            storage.write_bytes(storage.join(cfg.run.store, name), text.encode())
 
+
+def train(cfg: PretrainConfig, resume: str = "auto") -> dict:
     on_gpu = torch.cuda.is_available()
     rank, world = init_distributed(on_gpu)
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-    torch.manual_seed(cfg.run.seed)
-    model = MaskedAutoencoder(cfg.model_config())
-    if cfg.model.grad_checkpointing:
-        model.set_grad_checkpointing()
-    loader = StreamingLoader.from_manifest(
-        cfg.data.train, batch_size=cfg.deepspeed.micro_batch,
-        transform=MAETrainTransform(cfg.data.image_size, resize=cfg.data.resize), rank=rank, world_size=world,
-        num_workers=cfg.data.num_workers, seed=cfg.run.seed, block_size=cfg.data.block_size,
-        cache_dir=cfg.data.shard_cache_dir, cache_bytes=cfg.data.shard_cache_bytes, pin_memory=on_gpu)
-    derived = cfg.derived(loader.num_samples, world)
-    ds_config = deepspeed_config(cfg, world, on_gpu)
-    tag = resume_tag(cfg, rank) if resume == "auto" else None
-    plan = None
-    if tag and int(os.environ.get("LOCAL_RANK", 0)) == 0:  # before DeepSpeed unpickles it (weights_only=False)
-        ckpt.check_weights_only(os.path.join(cfg.run.output, "checkpoints", tag))
-    if tag:  # saved by another world size: load its universal conversion (made once, on each node)
-        plan = reshard.prepare_resume(os.path.join(cfg.run.output, "checkpoints"), tag, world,
-                                      convert=int(os.environ.get("LOCAL_RANK", 0)) == 0)
-        dist.barrier()
-        ds_config.update(plan.ds_config_patch)  # {"checkpoint": {"load_universal": true}}: read at initialize
-    optimizer = build_optimizer(model.to(device), derived["lr"], cfg.optim.weight_decay, cfg.optim.betas)
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    if cfg.model.compile:
-        engine.compile()
-    precision = resolve_precision(cfg, on_gpu)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-
-    out = cfg.run.output
-    os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)  # every rank: none may wait on rank 0
-    if rank == 0:
-        with open(os.path.join(out, "config.yaml"), "w") as f:
-            yaml.safe_dump(config_loader.to_dict(cfg), f, sort_keys=False)
-        with open(os.path.join(out, "deepspeed.json"), "w") as f:
-            json.dump(dict(ds_config, derived=derived), f, indent=1)
-        with open(os.path.join(out, "version.json"), "w") as f:
-            json.dump(dict(code_version(), world_size=world, precision=precision,
-                           device=torch.cuda.get_device_name() if on_gpu else "cpu"), f, indent=1)
-        if cfg.run.store:  # the store alone must describe the run (crossmae-export reads config.yaml)
-            for name in ("config.yaml", "deepspeed.json", "version.json"):
-                with open(os.path.join(out, name), "rb") as f:
-                    storage.write_bytes(storage.join(cfg.run.store, name), f.read())
-
-    step = 0
-    if plan:
-        client = reshard.load_checkpoint(engine, plan)
-        step = client["step"]
-        loader.load_state_dict(client["loader"])
+    os.makedirs(os.path.join(cfg.run.output, "checkpoints"), exist_ok=True)  # every rank: none waits on rank 0
+    loader = build_loader(cfg, rank, world, on_gpu)
+    checkpointer = Checkpointer(cfg.run, rank, world)
+    stop = _StopRequest()
+    try:
+        derived = cfg.derived(loader.num_samples, world)  # refuses a batch larger than each rank's data
+        tag = checkpointer.resume_tag() if resume == "auto" else None
+        if tag:  # before anything is written or loaded: the checkpoint must be this run's model and data
+            check_resume_config(cfg, checkpointer.root, tag, rank)
+        plan = checkpointer.prepare(tag) if tag else None
+        engine, optimizer, dtype = build_engine(cfg, world, device, plan.ds_config_patch if plan else None,
+                                                lr=derived["lr"])
+        precision = resolve_precision(cfg, on_gpu)
+        step = samples = 0
+        if plan:
+            client = checkpointer.load(engine, plan)
+            step, samples = client["step"], client.get("samples", client["step"] * derived["effective_batch"])
+            loader.load_state_dict(client["loader"])
+            if rank == 0:
+                how = f" (saved by {plan.saved_world_size} ranks, universal checkpoint)" if plan.universal else ""
+                print(f"resumed from {tag} at step {step}{how}", file=sys.stderr)
+                for line in describe_schedule_change(client, derived, samples):
+                    print(line, file=sys.stderr)
+            derived["max_steps"] = step + -(-(derived["total_samples"] - samples) // derived["effective_batch"])
+            if cfg.run.max_steps:
+                derived["max_steps"] = min(derived["max_steps"], cfg.run.max_steps)
         if rank == 0:
-            how = f" (saved by {plan.saved_world_size} ranks, universal checkpoint)" if plan.universal else ""
-            print(f"resumed from {tag} at step {step}{how}", file=sys.stderr)
+            if hasattr(checkpointer, "restore_history"):
+                checkpointer.restore_history()  # metrics.jsonl etc. from the store on a fresh node
+            ds_config = dict(deepspeed_config(cfg, world, on_gpu), **(plan.ds_config_patch if plan else {}))
+            _write_run_files(cfg, ds_config, derived, world, precision, on_gpu)
+            warning = short_run_warning(cfg, derived, step)
+            if warning:
+                print(warning, file=sys.stderr)
+        return _loop(cfg, engine, optimizer, loader, checkpointer, stop, derived, dtype, device, rank, world, step,
+                     samples)
+    finally:
+        stop.restore()
+        loader.close()
+        checkpointer.close()
 
-    def batches():
-        while True:
-            yield from loader
 
-    stream = batches()
-    max_steps = derived["max_steps"]
-    obs = Observer(out, rank == 0, max_steps, step, cfg.run.tensorboard)
-    mirror = _Mirror(cfg, rank, world)
-    fixed = _fixed_batch(cfg, device, dtype)
-    keys_log = open(os.path.join(out, f"keys-rank{rank}.jsonl"), "a", buffering=1) if cfg.run.log_keys else None
-    mc = engine.module.config
-    flops_per_img = 3 * flops_per_image(mc, "pred")["total"]  # forward + backward (2x) of the tokens processed
-    peak = peak_tflops(cfg.run.peak_tflops)
-    faults = _injected_faults()
-    imgs_per_step = cfg.effective_batch(world)
-    t_last, data_wait, window_steps, losses = time.perf_counter(), 0.0, 0, []
-    skipped = bad_in_row = 0
-    stop, stop_all = _StopRequest(), False
-    while step < max_steps:
-        set_lr(optimizer, lr_at(step, derived["lr"], derived["warmup_steps"], derived["total_steps"], cfg.optim.min_lr))
-        micro = attempt = 0
-        while micro < cfg.deepspeed.grad_accum:
-            t0 = time.perf_counter()
-            batch = next(stream)
-            data_wait += time.perf_counter() - t0
-            if cfg.data.resize == "device":  # uint8 crops -> resized, flipped, normalised on the device
-                imgs = resize_on_device(batch, cfg.data.image_size, device, dtype)
-            else:  # uint8 (pinned on GPUs) -> device, non_blocking, then normalised there
-                imgs = normalize_batch(batch["image"], device, dtype)
-            noise = _noise(cfg, step, micro + 1000 * attempt, rank, imgs.shape[0], num_patches=mc.num_patches)
-            loss = engine(imgs, noise.to(device)).loss
-            if rank == 0 and faults.get(step, 0) > attempt:
-                loss = loss * float("nan")
-            # One all-reduce per micro-batch: the global mean loss for the logs, and whether any
-            # rank's loss is non-finite, so that every rank skips the same micro-batch.
-            finite = bool(torch.isfinite(loss.detach()))
-            stats = torch.tensor([loss.detach().float().item() if finite else 0.0, 0.0 if finite else 1.0,
-                                  float(stop.requested)])
-            dist.all_reduce(stats)
-            stop_all = stop_all or stats[2].item() > 0  # any rank signalled: all stop at this step's end
-            if stats[1] > 0:  # skip: no backward, no step; the next batch takes its place
-                skipped += 1
-                bad_in_row += 1
-                attempt += 1
-                obs.message(f"step {step}: non-finite loss on {int(stats[1])} rank(s); micro-batch skipped "
-                            f"({bad_in_row} in a row, {skipped} in total)")
-                if bad_in_row >= cfg.run.max_nonfinite:
-                    raise NonFiniteLoss(f"{bad_in_row} non-finite losses in a row at step {step} "
-                                        f"(run.max_nonfinite={cfg.run.max_nonfinite}); last checkpoint: "
-                                        f"{(checkpoints(out) or ['none'])[-1]}")
-                continue
-            bad_in_row = 0
-            engine.backward(loss)
-            engine.step()
-            losses.append(stats[0].item() / world)
-            if keys_log:
-                keys_log.write(json.dumps(dict(step=step, micro=micro, keys=batch["key"])) + "\n")
-            micro += 1
-        step += 1
-        window_steps += 1
-        obs.step(loss=losses[-1], lr=optimizer.param_groups[0]["lr"])
-        if step % cfg.run.log_every == 0 or step == max_steps:
-            now = time.perf_counter()
-            seconds = now - t_last
-            share = torch.tensor([data_wait / seconds])
-            dist.all_reduce(share, op=dist.ReduceOp.MAX)
-            skipped_data = torch.tensor([sum(v for k, v in loader.stats.items() if k != "samples")])
-            dist.all_reduce(skipped_data)  # corrupt samples replaced in their batch, all ranks, so far
-            ips = window_steps * imgs_per_step / seconds
-            grad_norm = engine.get_global_grad_norm()
-            obs.log(dict(step=step, epoch=loader.epoch, loss=sum(losses) / len(losses),
-                         lr=optimizer.param_groups[0]["lr"],
-                         grad_norm=None if grad_norm is None else float(grad_norm),
-                         images_per_s=round(ips, 2), images_per_s_per_rank=round(ips / world, 2),
-                         data_wait_share=round(data_wait / seconds, 4), data_wait_share_max=round(share.item(), 4),
-                         peak_memory_gb=round(peak_memory_gb(device), 3),
-                         mfu=round(flops_per_img * ips / world / (peak * 1e12), 4) if peak else None,
-                         skipped_nonfinite=skipped, skipped_samples=int(skipped_data.item()),
-                         skipped_samples_rank0={k: v for k, v in loader.stats.items() if k != "samples"},
-                         upload_failures=mirror.failures, seconds=round(seconds, 4)))
-            t_last, data_wait, window_steps, losses = now, 0.0, 0, []
-        if fixed is not None and (step % cfg.run.recon_every == 0 or step == max_steps):
-            grid = reconstruction_grid(engine.module, *fixed)  # every rank: ZeRO-3 gathers parameters
-            obs.recon(step, grid)
-        if step % cfg.run.save_every == 0 or step == max_steps or stop_all:
-            save(engine, cfg, step, loader, rank, mirror)
-        if stop_all:
+def _loop(cfg, engine, optimizer, loader, checkpointer, stop, derived, dtype, device, rank, world, step, samples):
+    """The training loop: one screen, top to bottom."""
+    obs = Observer(cfg.run.output, rank == 0, derived["max_steps"], step, cfg.run.tensorboard)
+    metrics = RunMetrics(cfg, obs, loader, world, device,
+                         flops_per_image=3 * flops_per_image(engine.module.config, "pred")["total"])
+    train_step = TrainStep(engine, cfg, device, dtype, rank, world, on_skip=metrics.skipped_step)
+    keys_log = open(os.path.join(cfg.run.output, f"keys-rank{rank}.jsonl"), "a", buffering=1) if cfg.run.log_keys else None
+    fixed = _fixed_batch(cfg, device)
+    batches = iter(_forever(loader))
+    stopped = False
+    while step < derived["max_steps"]:
+        lr = lr_at(samples, derived["lr"], derived["warmup_samples"], derived["total_samples"], cfg.optim.min_lr)
+        set_lr(optimizer, lr)
+        result = train_step(step, batches, stop.requested)
+        step, samples = step + 1, samples + derived["effective_batch"]
+        metrics.step(step, result, lr, engine)  # metrics.jsonl / TensorBoard every run.log_every steps
+        if keys_log:
+            for micro, keys in enumerate(result.keys):
+                keys_log.write(json.dumps(dict(step=step - 1, micro=micro, keys=keys)) + "\n")
+        if fixed is not None and (step % cfg.run.recon_every == 0 or step == derived["max_steps"]):
+            metrics.recon(step, engine.module, fixed)  # every rank: ZeRO-3 gathers parameters
+        stopped = result.stop
+        if step % cfg.run.save_every == 0 or step == derived["max_steps"] or stopped:
+            checkpointer.save(engine, step, dict(loader=loader.state_dict(), samples=samples,
+                                                 effective_batch=derived["effective_batch"], lr=derived["lr"],
+                                                 world_size=world, config=config_loader.to_dict(cfg)))
+        if stopped:
             obs.message(f"stop requested by a signal: checkpoint step{step:08d} saved; --resume auto continues")
             break
-    mirror.join()
-    dist.barrier()
-    obs.close()
+    checkpointer.close()
+    distributed.barrier()
+    summary = metrics.finish(step, checkpointer)
     if keys_log:
         keys_log.close()
-    stop.restore()
-    return dict(step=step, rank=rank, world_size=world, skipped_nonfinite=skipped, upload_failures=mirror.failures,
-                stopped_by_signal=stop_all)
+    return dict(summary, step=step, rank=rank, world_size=world, upload_failures=checkpointer.failures,
+                stopped_by_signal=stopped)
 
 
-class _Mirror:
-    """Copies each checkpoint into ``run.store`` in a background thread, so training goes on
-    while it uploads. Each node's local rank 0 uploads the files its ranks wrote and then a
-    receipt (checkpoints/<tag>/_nodes/<node>.json); global rank 0 waits for every node's
-    receipt, checks every listed file is in the store, and only then writes COMPLETE and
-    ``latest`` and prunes. One upload in flight: the next save waits for the previous one."""
-
-    def __init__(self, cfg: PretrainConfig, rank: int, world: int):
-        self.cfg, self.rank = cfg, rank
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        self.uploader = int(os.environ.get("LOCAL_RANK", 0)) == 0
-        self.node, self.nodes = rank // local_world, max(1, world // local_world)
-        self.thread: threading.Thread | None = None
-        self.failures = 0
-
-    def start(self, tag: str, step: int) -> None:
-        self.join()
-        if not self.cfg.run.store or not self.uploader:
-            return
-        if self.cfg.run.async_upload:
-            self.thread = threading.Thread(target=self._run, args=(tag, step), name=f"upload-{tag}", daemon=True)
-            self.thread.start()
-        else:
-            self._run(tag, step)
-
-    def join(self) -> None:
-        if self.thread is not None:
-            self.thread.join()
-            self.thread = None
-
-    def _run(self, tag: str, step: int) -> None:
-        store, root = self.cfg.run.store, os.path.join(self.cfg.run.output, "checkpoints")
-        try:
-            names = ckpt.files(os.path.join(root, tag))
-            ckpt.upload(root, tag, store, names)
-            storage.write_bytes(storage.join(store, "checkpoints", tag, "_nodes", f"{self.node}.json"),
-                                json.dumps(names).encode())
-            if self.rank == 0:
-                expected = self._wait_for_receipts(store, tag)
-                ckpt.publish(store, tag, step, expected)
-                prefix = storage.join(store, "checkpoints") + "/"
-                tags = {u[len(prefix):].split("/")[0] for u, _ in storage.list_objects(prefix) if u.endswith("/COMPLETE")}
-                ckpt.prune(store, {t: int(t[4:]) for t in tags}, self.cfg.run.keep_last, self.cfg.run.keep_every)
-        except Exception as e:  # noqa: BLE001 - reported, counted; the local checkpoint still stands
-            self.failures += 1
-            print(f"crossmae-pretrain: checkpoint {tag} not mirrored to {store}: {e}", file=sys.stderr)
-
-    def _wait_for_receipts(self, store: str, tag: str, timeout: float = 3600.0) -> list[str]:
-        deadline = time.monotonic() + timeout
-        receipts = [storage.join(store, "checkpoints", tag, "_nodes", f"{n}.json") for n in range(self.nodes)]
-        while True:
-            missing = [r for r in receipts if not storage.exists(r)]
-            if not missing:
-                break
-            if time.monotonic() > deadline:
-                raise storage.StorageError(f"{len(missing)} node(s) did not finish uploading {tag} in {timeout:.0f} s")
-            time.sleep(1.0)
-        names = set()
-        for r in receipts:
-            names |= set(json.loads(storage.read_bytes(r)))
-        return sorted(names)
-
-
-def save(engine, cfg: PretrainConfig, step: int, loader, rank: int, mirror: _Mirror) -> None:
-    """DeepSpeed checkpoint + client state into the local directory; COMPLETE once every rank's
-    files are written; then the store mirror starts (in the background by default)."""
-    import deepspeed.comm as dist
-
-    out, tag = cfg.run.output, f"step{step:08d}"
-    root = os.path.join(out, "checkpoints")
-    engine.save_checkpoint(root, tag=tag, client_state=dict(step=step, loader=loader.state_dict()))
-    dist.barrier()
-    mirror.join()  # the previous upload must finish before its local copy may be pruned
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # each node marks and prunes its own directory
-        with open(os.path.join(root, tag, "COMPLETE"), "w") as f:
-            f.write(str(step))
-        steps = {t: int(t[4:]) for t in checkpoints(out)}
-        for old in ckpt.tags_to_delete(list(steps), steps, cfg.run.keep_last, cfg.run.keep_every):
-            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-    dist.barrier()
-    mirror.start(tag, step)
-
-
-def resume_tag(cfg: PretrainConfig, rank: int) -> str | None:
-    """The newest complete checkpoint, local or in the store (downloaded when only there).
-    Global rank 0 decides and broadcasts, so every rank loads the same tag."""
-    import deepspeed.comm as dist
-
-    choice = [None]
-    if rank == 0:
-        local = checkpoints(cfg.run.output)
-        best = local[-1] if local else None
-        remote = ckpt.latest(cfg.run.store) if cfg.run.store else None
-        if remote and (best is None or int(remote["tag"][4:]) > int(best[4:])):
-            best = remote["tag"]
-        choice = [best]
-    dist.broadcast_object_list(choice, src=0)
-    best = choice[0]
-    if best and int(os.environ.get("LOCAL_RANK", 0)) == 0 and best not in checkpoints(cfg.run.output):
-        ckpt.download(cfg.run.store, best, os.path.join(cfg.run.output, "checkpoints"))
-        with open(os.path.join(cfg.run.output, "checkpoints", best, "COMPLETE"), "w") as f:
-            f.write(best[4:])
-    dist.barrier()
-    return best
+def _forever(loader):
+    while True:
+        yield from loader
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="crossmae-pretrain", description="DeepSpeed pretraining of CrossMAE")
+    ap = argparse.ArgumentParser(prog="crossmae-pretrain", description="DeepSpeed pretraining of CrossMAE / MAE")
     ap.add_argument("--config", help="YAML config (sections: model, data, optim, deepspeed, run)")
-    ap.add_argument("--resume", default="auto", choices=["auto", "none"])
+    ap.add_argument("--resume", default="auto", choices=["auto", "none"],
+                    help="auto: continue from the newest complete checkpoint (local or in run.store)")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.blr=1e-4")
     args = ap.parse_args(argv)
@@ -397,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_loader.load(PretrainConfig, args.config, args.overrides)
         if not cfg.data.train:
             raise config_loader.ConfigError("data.train is not set (a manifest URL or shard pattern)")
+        cfg.validate()
         if cfg.data.train.endswith(".json") and not storage.exists(cfg.data.train):  # fail before DeepSpeed starts
             raise config_loader.ConfigError(f"data.train: no such manifest {cfg.data.train}")
     except (config_loader.ConfigError, storage.StorageError) as e:
@@ -405,11 +267,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = train(cfg, args.resume)
     except NonFiniteLoss as e:
-        print(f"crossmae-pretrain: error: {e}", file=sys.stderr)
+        print(f"crossmae-pretrain: error: {e}; last checkpoint: {(complete_tags(cfg.run.output) or ['none'])[-1]}",
+              file=sys.stderr)
         return 3
-    except (storage.StorageError, FileNotFoundError, ValueError) as e:  # data or store unreachable / invalid
+    except (config_loader.ConfigError, storage.StorageError, FileNotFoundError, ValueError) as e:  # data / store / config
         print(f"crossmae-pretrain: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - a bug or a device failure: the traceback, then the error as the last line
+        traceback.print_exc()
+        print(f"crossmae-pretrain: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     if result["stopped_by_signal"]:
         print(f"crossmae-pretrain: stopped by a signal at step {result['step']} after saving a checkpoint; "
               "run again with --resume auto to continue", file=sys.stderr)
@@ -421,5 +288,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _exit(code: int) -> None:
+    """Leave at once on failure: leftover loader workers or a dead peer's collective must not keep
+    a crashed trainer alive (the last line stays the real error)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code not in (0, 143):
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())

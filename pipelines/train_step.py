@@ -1,0 +1,152 @@
+"""One pretraining step: the code ``crossmae-pretrain`` runs and ``benchmarks/gpu_throughput.py``
+measures (the benchmark builds its engine and steps through these same functions).
+
+A step is ``grad_accum`` micro-batches: batch -> device (uint8 / packed crops / packed JPEGs),
+masking noise from a generator seeded by (seed, step, micro, rank) on the device, forward,
+then ONE all-reduce of [loss, non-finite, stop-request] on the device and ONE host read of
+it: the global loss for the logs, whether any rank's loss is non-finite (then every rank
+skips that micro-batch: no backward, the next batch takes its place) and whether a rank was
+signalled. That read is the step's only host-device synchronisation outside log steps
+(grad_accum=1; one per micro-batch otherwise) — the skip must be decided before backward,
+because a NaN forward leaves NaN gradients that ZeRO has already reduced into its buffers.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from crossmae import MaskedAutoencoder
+
+from . import distributed
+from .optim import build_optimizer
+from .train_config import PretrainConfig, deepspeed_config, resolve_precision
+from .transforms import normalize_batch, resize_on_device
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def compile_enabled(cfg: PretrainConfig, device: torch.device) -> bool:
+    return device.type == "cuda" if cfg.model.compile is None else cfg.model.compile
+
+
+def build_engine(cfg: PretrainConfig, world: int, device: torch.device, ds_patch: dict | None = None,
+                 lr: float | None = None):
+    """Model + torch AdamW (fused on CUDA) -> ``deepspeed.initialize`` with the config derived
+    from ``cfg`` (plus ``ds_patch``, e.g. universal-checkpoint loading), compiled when enabled.
+    Returns (engine, optimizer, input dtype)."""
+    import deepspeed
+
+    torch.manual_seed(cfg.run.seed)
+    model = MaskedAutoencoder(cfg.model_config())
+    if cfg.model.grad_checkpointing:
+        model.set_grad_checkpointing()
+    on_gpu = device.type == "cuda"
+    ds_config = dict(deepspeed_config(cfg, world, on_gpu), **(ds_patch or {}))
+    optimizer = build_optimizer(model.to(device), lr if lr is not None else cfg.learning_rate(world),
+                                cfg.optim.weight_decay, cfg.optim.betas)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if compile_enabled(cfg, device):
+        engine.compile()
+    bf16_weights = resolve_precision(cfg, on_gpu) == "bf16" and cfg.deepspeed.bf16_mode == "weights"
+    # autocast keeps fp32 inputs: the patch targets of the loss stay exact (bf16 keeps 8 bits)
+    return engine, optimizer, torch.bfloat16 if bf16_weights else torch.float32
+
+
+def batch_to_device(batch: dict, image_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Normalised (N, 3, S, S) images on ``device`` from any of the loader's batch formats."""
+    if "jpeg" in batch or "crops" in batch or "sizes" in batch:
+        try:
+            from .device_decode import batch_to_device as decode  # data.decode=gpu (packed JPEGs)
+
+            return decode(batch, image_size, device, dtype)
+        except ImportError:
+            return resize_on_device(batch, image_size, device, dtype)
+    return normalize_batch(batch["image"], device, dtype)
+
+
+def masking_noise(seed: int, step: int, micro: int, rank: int, n: int, num_patches: int,
+                  device: torch.device) -> torch.Tensor:
+    """Uniform noise for ``random_masking``, drawn on ``device`` (no host->device copy) from a
+    generator seeded by (seed, step, micro-batch attempt, rank): a resumed run masks exactly
+    as an uninterrupted one on the same device type."""
+    g = torch.Generator(device=device).manual_seed(((seed * 1_000_003 + step) * 1009 + micro) * 65537 + rank)
+    return torch.rand(n, num_patches, generator=g, device=device)
+
+
+def injected_faults() -> dict[int, int]:
+    """Test-only fault injection: CROSSMAE_FAULT_NONFINITE="7:1,9:10" makes rank 0's loss NaN on
+    the first 1 (10) attempts of step 7 (9); CROSSMAE_FAULT_RAISE=5 raises at step 5 (after
+    the loader workers started). Unset in real runs."""
+    out = {}
+    for item in filter(None, os.environ.get("CROSSMAE_FAULT_NONFINITE", "").split(",")):
+        step, _, count = item.partition(":")
+        out[int(step)] = int(count or 1)
+    return out
+
+
+@dataclass
+class StepResult:
+    loss: float  # global mean loss of the micro-batches that counted
+    data_wait: float  # seconds spent waiting for batches
+    skipped: int = 0  # micro-batches skipped for a non-finite loss (on any rank)
+    stop: bool = False  # some rank was asked to stop (SIGTERM / SIGUSR1)
+    keys: list = field(default_factory=list)  # per micro-batch sample keys (for exact-resume proofs)
+
+
+class TrainStep:
+    """``step(step, batches, stop_requested)`` runs one optimizer step on ``engine``."""
+
+    def __init__(self, engine, cfg: PretrainConfig, device: torch.device, dtype: torch.dtype, rank: int, world: int,
+                 on_skip=None):
+        self.engine, self.cfg, self.device, self.dtype = engine, cfg, device, dtype
+        self.rank, self.world = rank, world
+        self.num_patches = engine.module.config.num_patches
+        self.faults = injected_faults()
+        self.raise_at = int(os.environ.get("CROSSMAE_FAULT_RAISE", "-1"))
+        self.on_skip = on_skip or (lambda step, ranks, in_row, total: None)
+        self.skipped_total = self.bad_in_row = 0
+
+    def __call__(self, step: int, batches, stop_requested: bool = False) -> StepResult:
+        cfg, engine = self.cfg, self.engine
+        if step == self.raise_at:
+            raise RuntimeError(f"injected failure at step {step} (CROSSMAE_FAULT_RAISE)")
+        result, losses = StepResult(loss=float("nan"), data_wait=0.0), []
+        micro = attempt = 0
+        while micro < cfg.deepspeed.grad_accum:
+            t0 = time.perf_counter()
+            batch = next(batches)
+            result.data_wait += time.perf_counter() - t0
+            imgs = batch_to_device(batch, cfg.data.image_size, self.device, self.dtype)
+            noise = masking_noise(cfg.run.seed, step, micro + 1000 * attempt, self.rank, imgs.shape[0],
+                                  self.num_patches, self.device)
+            loss = engine(imgs, noise).loss
+            if self.rank == 0 and self.faults.get(step, 0) > attempt:
+                loss = loss * float("nan")
+            finite = torch.isfinite(loss.detach())
+            flags = torch.stack([torch.where(finite, loss.detach().float(), 0.0), (~finite).float(),
+                                 torch.full((), float(stop_requested), device=loss.device)])
+            total, nonfinite, stop = distributed.all_reduce(flags).tolist()  # the one host read
+            result.stop = result.stop or stop > 0
+            if nonfinite > 0:
+                self.skipped_total += 1
+                self.bad_in_row += 1
+                result.skipped += 1
+                attempt += 1
+                self.on_skip(step, int(nonfinite), self.bad_in_row, self.skipped_total)
+                if self.bad_in_row >= cfg.run.max_nonfinite:
+                    raise NonFiniteLoss(f"{self.bad_in_row} non-finite losses in a row at step {step} "
+                                        f"(run.max_nonfinite={cfg.run.max_nonfinite})")
+                continue
+            self.bad_in_row = 0
+            engine.backward(loss)
+            engine.step()
+            losses.append(total / self.world)
+            result.keys.append(batch.get("key"))
+            micro += 1
+        result.loss = sum(losses) / len(losses)
+        return result
