@@ -1,16 +1,21 @@
-"""Pretraining throughput on one GPU: images/s and model FLOPs utilisation of CrossMAE
-(gamma=0.25) and MAE ViT-B/16 steps through the trainer's own path (DeepSpeed engine, bf16,
-fused AdamW, SDPA attention, uint8 batches from pinned memory normalised on the device),
-with synthetic batches and, given --manifest, with the real streaming loader.
-Target on one H100: >= 3,000 img/s for CrossMAE ViT-B/16 at 224 px.
+"""Pretraining throughput on one GPU through the trainer's own step (pipelines/train_step.py:
+the engine ``crossmae-pretrain`` builds, the step it runs): images/s, step time, MFU and peak
+memory of CrossMAE (gamma=0.25) and MAE ViT-B/16 side by side, with synthetic uint8 batches
+from pinned memory and, given --manifest, the real streaming loader. ``--plain`` adds the
+reference: the same model in a plain compiled PyTorch loop (autocast bf16, fused AdamW), so
+"trainer step / plain loop" is measured in the same run. ``--sweep`` measures the DeepSpeed
+configurations the trainer offers (ZeRO stage x bf16 mode x compile).
+Targets on one H100/H200 (bf16, ViT-B/16 224 px, batch 256): CrossMAE >= 6,000 img/s, MFU >= 23%,
+CrossMAE/MAE step time <= 0.65, peak memory <= 0.55, trainer / plain compiled loop >= 0.95.
 
-    python benchmarks/gpu_throughput.py --batch 256 --steps 30 [--compile] \
-        [--manifest s3://b/in1k/train/manifest.json --workers 12] [--json benchmarks/results/gpu_throughput.json]
-    python benchmarks/gpu_throughput.py --smoke      # CPU, micro model, 2 steps: the script still runs
+    python benchmarks/gpu_throughput.py --batch 256 --steps 30 --plain [--sweep] [--json out.json]
+    python benchmarks/gpu_throughput.py --manifest s3://b/in1k/train/manifest.json --workers 12
+    python benchmarks/gpu_throughput.py --smoke      # CPU, micro models, 2 steps: the script still runs
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -19,60 +24,92 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from crossmae import MaskedAutoencoder, flops_per_image, model_config  # noqa: E402
-from pipelines.observe import peak_tflops  # noqa: E402
 from benchmarks._common import emit  # noqa: E402
+from crossmae import MaskedAutoencoder, flops_per_image, model_config  # noqa: E402
+from pipelines.config import load  # noqa: E402
+from pipelines.observe import model_flops_utilization, peak_tflops  # noqa: E402
 from pipelines.optim import build_optimizer  # noqa: E402
 from pipelines.pretrain import init_distributed  # noqa: E402
-from pipelines.transforms import MAETrainTransform, normalize_batch  # noqa: E402
-from pipelines.wds_loader import StreamingLoader  # noqa: E402
+from pipelines.train_config import PretrainConfig  # noqa: E402
+from pipelines.train_step import TrainStep, build_engine  # noqa: E402
 
 MODELS = {"CrossMAE": "crossmae_vit_base_patch16_dec512d12b", "MAE": "mae_vit_base_patch16_dec512d8b"}
 
 
-def bench(preset: str, args, device, batches) -> dict:
-    import deepspeed
+def trainer_config(preset: str, args, zero_stage: int, bf16_mode: str, compile_: bool) -> PretrainConfig:
+    overrides = [f"model.preset={preset}", f"data.image_size={args.image_size}", f"deepspeed.micro_batch={args.batch}",
+                 f"deepspeed.zero_stage={zero_stage}", f"deepspeed.bf16_mode={bf16_mode}", f"model.compile={compile_}",
+                 "optim.lr=1e-4", f"deepspeed.precision={'fp32' if args.fp32 else 'auto'}"]
+    if preset.startswith("mae"):
+        overrides.append("model.pred_ratio=0.75")
+    return load(PretrainConfig, None, overrides)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _measure(run, args, device) -> tuple[float, float]:
+    run(args.warmup)
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    wait = run(args.steps)
+    _sync(device)
+    return time.perf_counter() - t0, wait
+
+
+def bench_trainer(cfg: PretrainConfig, args, device, batches) -> dict:
+    engine, _, dtype = build_engine(cfg, 1, device)
+    step = TrainStep(engine, cfg, device, dtype, rank=0, world=1)
+    counter = itertools.count()
+
+    def run(n):
+        return sum(step(next(counter), batches).data_wait for _ in range(n))
+
+    seconds, wait = _measure(run, args, device)
+    out = _result(engine.module.config, args, device, seconds, wait)
+    del engine, step
+    return out
+
+
+def bench_plain(preset: str, args, device, batches) -> dict:
+    """The reference: no DeepSpeed, torch.compile, autocast bf16, fused AdamW."""
+    from pipelines.transforms import normalize_batch
 
     torch.manual_seed(0)
     model = MaskedAutoencoder(model_config(preset, img_size=args.image_size)).to(device)
+    opt = build_optimizer(model, 1e-4, 0.05)
+    fwd = torch.compile(model) if device.type == "cuda" else model
     bf16 = device.type == "cuda" and not args.fp32
-    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, 1e-4, 0.05), config=dict(
-        train_batch_size=args.batch, train_micro_batch_size_per_gpu=args.batch, gradient_clipping=0.0,
-        zero_optimization=dict(stage=args.zero_stage), bf16=dict(enabled=bf16), steps_per_print=10**9))
-    if args.compile:
-        engine.compile()
-    dtype = torch.bfloat16 if bf16 else torch.float32
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
 
     def run(n):
         wait = 0.0
         for _ in range(n):
             t0 = time.perf_counter()
-            u8 = next(batches)
+            batch = next(batches)
             wait += time.perf_counter() - t0
-            loss = engine(normalize_batch(u8, device, dtype)).loss
-            engine.backward(loss)
-            engine.step()
-        sync()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = fwd(normalize_batch(batch["image"], device, torch.float32)).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         return wait
 
-    run(args.warmup)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    wait = run(args.steps)
-    seconds = time.perf_counter() - t0
+    seconds, wait = _measure(run, args, device)
+    return _result(model.config, args, device, seconds, wait)
+
+
+def _result(mc, args, device, seconds: float, wait: float) -> dict:
     ips = args.steps * args.batch / seconds
-    flops = 3 * flops_per_image(engine.module.config, "pred")["total"]
-    peak = peak_tflops(args.peak_tflops)
-    out = dict(preset=preset, images_per_s=round(ips, 1), step_ms=round(1000 * seconds / args.steps, 2),
+    flops = 3 * flops_per_image(mc, "pred")["total"]
+    out = dict(images_per_s=round(ips, 1), step_ms=round(1000 * seconds / args.steps, 2),
                data_wait_share=round(wait / seconds, 4), gflops_per_image=round(flops / 1e9, 2),
-               achieved_tflops=round(flops * ips / 1e12, 2), mfu=round(flops * ips / (peak * 1e12), 4) if peak else None,
+               achieved_tflops=round(flops * ips / 1e12, 2),
+               mfu=model_flops_utilization(flops, ips, peak_tflops(args.peak_tflops)),
                peak_memory_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None)
-    del engine, model
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
@@ -82,18 +119,18 @@ def synthetic(args, device):
     pool = [torch.randint(0, 256, (args.batch, 3, args.image_size, args.image_size), dtype=torch.uint8) for _ in range(4)]
     if device.type == "cuda":
         pool = [b.pin_memory() for b in pool]
-    i = 0
-    while True:
-        yield pool[i % len(pool)]
-        i += 1
+    for i in itertools.count():
+        yield dict(image=pool[i % len(pool)])
 
 
 def streaming(args, device):
+    from pipelines.transforms import MAETrainTransform
+    from pipelines.wds_loader import StreamingLoader
+
     loader = StreamingLoader.from_manifest(args.manifest, batch_size=args.batch, transform=MAETrainTransform(args.image_size),
-                                           num_workers=args.workers, seed=0)
+                                           num_workers=args.workers, seed=0, pin_memory=device.type == "cuda")
     while True:
-        for batch in loader:
-            yield batch["image"].pin_memory() if device.type == "cuda" else batch["image"]
+        yield from loader
 
 
 def main(argv=None) -> int:
@@ -102,9 +139,12 @@ def main(argv=None) -> int:
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--zero-stage", type=int, default=2)
-    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3])
+    ap.add_argument("--bf16-mode", default="autocast", choices=["autocast", "weights"])
+    ap.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="auto: on for CUDA")
     ap.add_argument("--fp32", action="store_true", help="no bf16 (CPU always runs fp32)")
+    ap.add_argument("--plain", action="store_true", help="also the plain compiled PyTorch loop (the reference)")
+    ap.add_argument("--sweep", action="store_true", help="every ZeRO stage 0-2 x bf16 mode x compile on/off")
     ap.add_argument("--manifest", default=None, help="also measure with the streaming loader on these shards")
     ap.add_argument("--workers", type=int, default=12)
     ap.add_argument("--peak-tflops", type=float, default=None)
@@ -118,20 +158,53 @@ def main(argv=None) -> int:
         args.batch, args.image_size, args.steps, args.warmup, args.workers = 8, 32, 2, 1, 1
     on_gpu = torch.cuda.is_available() and not args.smoke
     init_distributed(on_gpu)
-    device = torch.device("cuda" if on_gpu else "cpu")
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     if on_gpu:
         torch.backends.cuda.matmul.allow_tf32 = True
+    compile_ = on_gpu if args.compile == "auto" else args.compile == "on"
+    configs = [(args.zero_stage, args.bf16_mode, compile_)]
+    if args.sweep:
+        configs = [(z, m, c) for z in (0, 1, 2) for m in ("autocast", "weights") for c in (True, False)]
     result = dict(device=torch.cuda.get_device_name() if on_gpu else "cpu", batch=args.batch,
-                  image_size=args.image_size, steps=args.steps, compile=args.compile,
+                  image_size=args.image_size, steps=args.steps,
                   precision="bf16" if on_gpu and not args.fp32 else "fp32", torch=torch.__version__, runs=[])
     sources = [("synthetic", synthetic)] + ([("loader", streaming)] if args.manifest else [])
     for source, make in sources:
-        for name in args.models:
-            r = dict(bench(models[name], args, device, make(args, device)), model=name, source=source)
-            result["runs"].append(r)
-            print(json.dumps(r), file=sys.stderr)
+        for zero_stage, bf16_mode, comp in configs:
+            for name in args.models:
+                cfg = trainer_config(models[name], args, zero_stage, bf16_mode, comp)
+                r = dict(bench_trainer(cfg, args, device, make(args, device)), model=name, source=source, path="trainer",
+                         zero_stage=zero_stage, bf16_mode=bf16_mode, compile=comp)
+                result["runs"].append(r)
+                print(json.dumps(r), file=sys.stderr)
+        if args.plain and source == "synthetic":
+            for name in args.models:
+                r = dict(bench_plain(models[name], args, device, make(args, device)), model=name, source=source,
+                         path="plain", compile=on_gpu)
+                result["runs"].append(r)
+                print(json.dumps(r), file=sys.stderr)
+    result["ratios"] = ratios(result["runs"])
     emit(result, args.json)
     return 0
+
+
+def ratios(runs: list[dict]) -> dict:
+    """CrossMAE / MAE (step time, peak memory) per configuration, and trainer / plain loop."""
+    out = {}
+    by = {(r["path"], r["source"], r.get("zero_stage"), r.get("bf16_mode"), r.get("compile"), r["model"]): r for r in runs}
+    for (path, source, z, m, c, model), r in by.items():
+        if model != "CrossMAE":
+            continue
+        mae = by.get((path, source, z, m, c, "MAE"))
+        label = f"{path}/{source}" + (f"/zero{z}/{m}/compile={c}" if path == "trainer" else "")
+        if mae:
+            out[f"{label}: CrossMAE/MAE step time"] = round(r["step_ms"] / mae["step_ms"], 3)
+            if r["peak_memory_gb"] and mae["peak_memory_gb"]:
+                out[f"{label}: CrossMAE/MAE peak memory"] = round(r["peak_memory_gb"] / mae["peak_memory_gb"], 3)
+        plain = by.get(("plain", source, None, None, c, model))
+        if path == "trainer" and plain:
+            out[f"{label}: trainer/plain img/s"] = round(r["images_per_s"] / plain["images_per_s"], 3)
+    return out
 
 
 if __name__ == "__main__":
