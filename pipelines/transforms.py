@@ -174,16 +174,22 @@ def _finish(out: torch.Tensor, normalize: bool) -> torch.Tensor:
     return normalize_batch(out[None], "cpu")[0] if normalize else out
 
 
-def decode_crop(data: bytes, rng, size: int = 224, scale=MAE_SCALE, ratio=MAE_RATIO, flip_p: float = 0.5,
-                dct_scale: bool = True) -> tuple[np.ndarray, tuple[int, int, int, int], bool]:
-    """The random part of mae_train: (crop, box, flip). `crop` is an HWC uint8 view of the
-    decoded image (at 1/k scale when the DCT scaling applies, not yet flipped); `box` is
-    (top, left, h, w) in full-image pixels. Same random draws as mae_train, so both paths
-    crop the very same boxes."""
-    rng = _rng(rng)
-    H, W = image_size(data)
-    top, left, h, w = sample_crop(H, W, rng, scale, ratio)
-    flip = bool(rng.random() < flip_p)
+def sample_box_flip(height: int, width: int, rng, scale=MAE_SCALE, ratio=MAE_RATIO,
+                    flip_p: float = 0.5) -> tuple[tuple[int, int, int, int], bool]:
+    """The random draws of one training sample, in their fixed order: the crop box (full-image
+    pixels) then the flip. Every path (CPU resize, resize="device", decode="gpu") draws exactly
+    these, so all of them crop the very same boxes for the same seed."""
+    box = sample_crop(height, width, rng, scale, ratio)
+    return box, bool(rng.random() < flip_p)
+
+
+def decode_box(data: bytes, height: int, width: int, box, size: int = 224,
+               dct_scale: bool = True) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """(crop, box actually cropped): decode `data` (height x width, from its header) on the CPU
+    and cut `box` out, HWC uint8 (a view, not flipped). With dct_scale, decoded at 1/k scale
+    when the crop keeps >= `size` pixels each way, the box snapped to that grid."""
+    top, left, h, w = box
+    H, W = height, width
     img = decode_rgb(data, (H * size // h, W * size // w) if dct_scale else None)
     if img.shape[0] != H:  # decoded at 1/k: snap the box to the nearest 1/k-scale pixels
         # (moves each edge by <= k/2 full-res px). Flooring the start and ceiling the end
@@ -192,10 +198,21 @@ def decode_crop(data: bytes, rng, size: int = 224, scale=MAE_SCALE, ratio=MAE_RA
         y0, x0 = round(top / k), round(left / k)
         y1, x1 = min(img.shape[0], round((top + h) / k)), min(img.shape[1], round((left + w) / k))
         crop = img[y0:y1, x0:x1]
-        top, left, h, w = y0 * k, x0 * k, min(H, y1 * k) - y0 * k, min(W, x1 * k) - x0 * k
-    else:
-        crop = img[top:top + h, left:left + w]
-    return crop, (top, left, h, w), flip
+        return crop, (y0 * k, x0 * k, min(H, y1 * k) - y0 * k, min(W, x1 * k) - x0 * k)
+    return img[top:top + h, left:left + w], (top, left, h, w)
+
+
+def decode_crop(data: bytes, rng, size: int = 224, scale=MAE_SCALE, ratio=MAE_RATIO, flip_p: float = 0.5,
+                dct_scale: bool = True) -> tuple[np.ndarray, tuple[int, int, int, int], bool]:
+    """The random part of mae_train: (crop, box, flip). `crop` is an HWC uint8 view of the
+    decoded image (at 1/k scale when the DCT scaling applies, not yet flipped); `box` is
+    (top, left, h, w) in full-image pixels. Same random draws as mae_train, so both paths
+    crop the very same boxes."""
+    rng = _rng(rng)
+    H, W = image_size(data)
+    box, flip = sample_box_flip(H, W, rng, scale, ratio, flip_p)
+    crop, box = decode_box(data, H, W, box, size, dct_scale)
+    return crop, box, flip
 
 
 def mae_train(data: bytes, rng, size: int = 224, scale=MAE_SCALE, ratio=MAE_RATIO, flip_p: float = 0.5,
@@ -255,22 +272,46 @@ class MAETrainTransform:
     ``resize="device"``: the worker only decodes (at reduced DCT scale where the crop allows)
     and crops, returning a `Crop`; the loader packs a batch's crops with `pack_crops` and the
     trainer resizes and flips them on its device with `resize_on_device`. Same boxes, same
-    filter (to rounding), ~1/3 less CPU per image (BENCHMARKS.md)."""
+    filter (to rounding), ~1/3 less CPU per image (BENCHMARKS.md).
+
+    ``decode="gpu"`` (implies resize on the device): the worker only reads the JPEG header and
+    draws the box and flip; the batch carries the JPEG bytes and the trainer decodes them there
+    (`pipelines.device_decode`: nvJPEG on CUDA, libjpeg-turbo on a CPU device)."""
 
     def __init__(self, size: int = 224, scale=MAE_SCALE, ratio=MAE_RATIO, flip_p: float = 0.5,
-                 dct_scale: bool = True, normalize: bool = False, resize: str = "cpu"):
+                 dct_scale: bool = True, normalize: bool = False, resize: str | None = None, decode: str = "cpu"):
+        if decode not in ("cpu", "gpu"):
+            raise ValueError(f"decode must be 'cpu' or 'gpu', not {decode!r}")
+        if resize is None:
+            resize = "device" if decode == "gpu" else "cpu"
         if resize not in ("cpu", "device"):
             raise ValueError(f"resize must be 'cpu' or 'device', not {resize!r}")
-        self.size, self.resize = size, resize
+        if decode == "gpu" and resize != "device":
+            raise ValueError("decode='gpu' resizes on the device: resize must be 'device'")
+        self.size, self.resize, self.decode = size, resize, decode
         self.kw = dict(size=size, scale=scale, ratio=ratio, flip_p=flip_p, dct_scale=dct_scale)
         if resize == "cpu":
             self.kw["normalize"] = normalize
 
     def __call__(self, data: bytes, rng) -> torch.Tensor | Crop:
+        if self.decode == "gpu":
+            from .device_decode import encode_sample  # the worker's half of decode="gpu"
+
+            return encode_sample(data, rng, **self.kw)
         if self.resize == "device":
             crop, _, flip = decode_crop(data, rng, **self.kw)
             return Crop(crop, flip)
         return mae_train(data, rng, **self.kw)
+
+
+def collate_samples(samples: list) -> dict:
+    """The pixel fields of a loader batch from its transform's outputs (one type per batch):
+    tensors -> ``image`` (B, 3, S, S) in a shared-memory buffer; `Crop` -> `pack_crops`'s
+    fields; `device_decode.EncodedCrop` -> its packed JPEGs. For the loader's batch assembly."""
+    first = samples[0]
+    if isinstance(first, Crop):
+        return pack_crops(samples)
+    return dict(image=torch.stack(samples, out=batch_buffer((len(samples), *first.shape), first.dtype)))
 
 
 def collate(samples):
@@ -328,7 +369,12 @@ def pack_crops(crops: list[Crop]) -> dict:
     contiguous), ``crop_hw`` int64 (B, 2), ``flip`` bool (B,). Flat rather than a padded
     (B, Hmax, Wmax, 3) canvas: measured 304 vs 532 KiB per image on 460x400 photos, and every
     byte shipped costs the worker a page fault and a copy into shared memory (a fresh padded
-    canvas cost more CPU than the resize it saves); the device pads."""
+    canvas cost more CPU than the resize it saves); the device pads. A batch of
+    `device_decode.EncodedCrop` (a Crop subclass: the loader sends every Crop here) is packed
+    by its own `pack` instead."""
+    pack = getattr(type(crops[0]), "pack", None)
+    if pack is not None:
+        return pack(crops)
     hw = [c.pixels.shape[:2] for c in crops]
     sizes = [h * w * 3 for h, w in hw]
     flat = batch_buffer((sum(sizes),))
@@ -367,39 +413,73 @@ def resize_on_device(batch: dict, size: int, device="cpu", dtype=torch.float32, 
     (B, 3, size, size), normalised `dtype` (as `normalize_batch`) or, with normalize=False,
     uint8 -- the same images `mae_train` makes on the CPU, to rounding.
 
-    method="matmul": one batched pair of matmuls for the whole batch, float32 (about
-    2 x B x H x W x size x 3 FLOPs, ~100 GFLOP for 256 ImageNet crops; TF32 if the caller
-    enabled it: errors stay below half a grey level). method="interpolate": torch's
-    antialiased bicubic per image (one kernel launch each; the reference, and fastest on a CPU).
+    method="matmul": batched pairs of matmuls, float32 (about 2 x B x H x W x size x 3 FLOPs,
+    ~100 GFLOP for 256 ImageNet crops; TF32 if the caller enabled it: errors stay below half a
+    grey level). method="interpolate": torch's antialiased bicubic per image (one kernel launch
+    each; the reference, and fastest on a CPU).
     """
     device = torch.device(device)
     flat = batch["crops"].to(device, non_blocking=batch["crops"].is_pinned())
     hw_list = batch["crop_hw"].tolist()  # sizes from the host copy: no device sync
-    hw, flip = batch["crop_hw"].to(device), batch["flip"].to(device)
-    B, H, W = len(hw_list), max(h for h, _ in hw_list), max(w for _, w in hw_list)
     views, off = [], 0
     for h, w in hw_list:
         views.append(flat[off:off + h * w * 3].view(h, w, 3))
         off += h * w * 3
-    if method == "matmul":
-        canvas = torch.zeros(B, H, W, 3, dtype=torch.float32, device=device)  # pad with finite zeros
-        for i, v in enumerate(views):  # B small copies (+ uint8 -> float), launched back to back
-            canvas[i, :v.shape[0], :v.shape[1]] = v
-        wy = _aa_bicubic_weights(hw[:, 0], H, size)
-        wx = _aa_bicubic_weights(hw[:, 1], W, size)
-        wx = torch.where(flip[:, None, None], wx.flip(1), wx)  # mirrored output = reversed columns
-        t = torch.bmm(wy, canvas.view(B, H, W * 3)).view(B, size, W, 3)  # rows: (B,S,W,3)
-        t = t.permute(0, 2, 1, 3).reshape(B, W, size * 3)  # columns next: (B,W,S*3), one copy
-        out = torch.bmm(wx, t).view(B, size, size, 3).permute(0, 3, 2, 1)  # (B,S_x,S_y,3) -> (B,3,S_y,S_x)
-        out = out.round_().clamp_(0, 255).to(torch.uint8).contiguous()
-    elif method == "interpolate":
-        out = torch.empty(B, 3, size, size, dtype=torch.uint8, device=device)
+    out = resize_views(views, batch["flip"], size, device, method)
+    return normalize_batch(out, device, dtype) if normalize else out
+
+
+# Padded canvases are cut into chunks of at most this many float32 elements (256 MiB): one
+# 4000x3000 photo in a batch of 256 would otherwise pad every crop to it (37 GB). Crops are
+# grouped by area first, so a chunk pads little.
+CANVAS_ELEMENTS = 1 << 26
+
+
+def resize_views(views: list[torch.Tensor], flip: torch.Tensor, size: int, device="cpu",
+                 method: str = "matmul") -> torch.Tensor:
+    """uint8 (B, 3, size, size) on `device`: each HWC uint8 view (any strides, on `device`)
+    resized with antialiased bicubic and mirrored where `flip` (bool (B,), host) says."""
+    device = torch.device(device)
+    B = len(views)
+    flips = flip.tolist()
+    out = torch.empty(B, 3, size, size, dtype=torch.uint8, device=device)
+    if method == "interpolate":
         for i, v in enumerate(views):
-            x = v.permute(2, 0, 1)[None]
+            x = v.contiguous().permute(2, 0, 1)[None]  # channels_last, as mae_train's own resize
             x = x if device.type == "cpu" else x.float()  # the uint8 kernel is CPU-only
             r = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True)[0]
             r = r if r.dtype == torch.uint8 else r.round_().clamp_(0, 255)
-            out[i] = r.flip(-1) if flip[i] else r
-    else:
+            out[i] = r.flip(-1) if flips[i] else r
+        return out
+    if method != "matmul":
         raise ValueError(f"method must be 'matmul' or 'interpolate', not {method!r}")
-    return normalize_batch(out, device, dtype) if normalize else out
+    order = sorted(range(B), key=lambda i: views[i].shape[0] * views[i].shape[1])
+    chunk, H, W = [], 0, 0
+    for i in order + [None]:
+        if i is not None:
+            h, w = views[i].shape[:2]
+            if not chunk or (len(chunk) + 1) * max(H, h) * max(W, w) * 3 <= CANVAS_ELEMENTS:
+                chunk, H, W = chunk + [i], max(H, h), max(W, w)
+                continue
+        idx = torch.tensor(chunk, device=device)
+        out.index_copy_(0, idx, _resize_matmul([views[j] for j in chunk], [flips[j] for j in chunk], size, device))
+        if i is not None:
+            chunk, (H, W) = [i], views[i].shape[:2]
+    return out
+
+
+def _resize_matmul(views: list[torch.Tensor], flips: list[bool], size: int, device: torch.device) -> torch.Tensor:
+    """One padded canvas, two batched matmuls: out = Wy @ crop @ Wx^T per image."""
+    B, H, W = len(views), max(v.shape[0] for v in views), max(v.shape[1] for v in views)
+    canvas = torch.zeros(B, H, W, 3, dtype=torch.float32, device=device)  # pad with finite zeros
+    for i, v in enumerate(views):  # B small copies (+ uint8 -> float), launched back to back
+        canvas[i, :v.shape[0], :v.shape[1]] = v
+    hw = torch.tensor([tuple(v.shape[:2]) for v in views], dtype=torch.int64).to(device, non_blocking=True)
+    flip = torch.tensor(flips, dtype=torch.bool).to(device, non_blocking=True)
+    wy = _aa_bicubic_weights(hw[:, 0], H, size)
+    wx = _aa_bicubic_weights(hw[:, 1], W, size)
+    wx = torch.where(flip[:, None, None], wx.flip(1), wx)  # mirrored output = reversed columns
+    t = torch.bmm(wy, canvas.view(B, H, W * 3)).view(B, size, W, 3)  # rows: (B,S,W,3)
+    t = t.permute(0, 2, 1, 3).reshape(B, W, size * 3)  # columns next: (B,W,S*3), one copy
+    out = torch.bmm(wx, t).view(B, size, size, 3).permute(0, 3, 2, 1)  # (B,S_x,S_y,3) -> (B,3,S_y,S_x)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
