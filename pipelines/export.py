@@ -10,7 +10,8 @@ SOURCE is a run directory (``run.output``) or a checkpoint store (``run.store``)
 export is a directory ``OUT/<tag>/``:
 
     model.safetensors   encoder only, timm key names (crossmae.export_encoder)
-    config.json         timm config: crossmae.create_timm_encoder(config, tensors) rebuilds it
+    config.json         timm config: architecture, model_args, pretrained_cfg (eval preprocessing);
+                        crossmae.interop.load_timm(dir) loads the export strictly
     full.safetensors    with --full: encoder + decoder, library key names (reconstruction demos)
     export.json         provenance, written LAST: its presence marks the export complete
 
