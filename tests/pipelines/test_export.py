@@ -183,11 +183,13 @@ def test_every_zero_stage_exports_the_same_encoder(run, stage, tmp_path):
 def test_released_checkpoint_exports_in_the_same_layout(tmp_path, capsys, s3_bucket):
     model = create_model("crossmae_vit_micro_patch4_dec64d2b").eval()
     path = tmp_path / "crossmae_micro.pth"
-    torch.save(dict(model=library_to_released(model.state_dict()), args=argparse.Namespace(lr=1e-3)), path)
+    args = argparse.Namespace(lr=1e-3, mask_ratio=0.75, kept_mask_ratio=0.75, norm_pix_loss=False)  # gamma 0.75
+    torch.save(dict(model=library_to_released(model.state_dict()), args=args), path)
     out = tmp_path / "exports"
     assert main(["released", str(path), str(out), "--full", "--preset", "crossmae_vit_micro_patch4_dec64d2b"]) == 0
     assert_same_features(out / "crossmae_micro", model)
     rec = json.loads((out / "crossmae_micro" / "export.json").read_text())
+    assert (rec["model_config"]["pred_ratio"], rec["model_config"]["norm_pix_loss"]) == (0.75, False), "as trained"
     assert rec["source"] == str(path) and rec["step"] is None and rec["preset"] == "crossmae_vit_micro_patch4_dec64d2b"
     assert rec["data_manifest"]["reason"] == "released checkpoint"
     full = load_file(str(out / "crossmae_micro" / "full.safetensors"))
