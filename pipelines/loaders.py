@@ -9,6 +9,14 @@ Every rank yields the same number of full batches. Training drops the ragged tai
 sample exactly once over all ranks. Both formats resume exactly mid-epoch, also with another
 world size (``state_dict()`` / ``load_state_dict()``: the epoch and what is left of its order).
 
+One interface for the trainer, both formats: batches also carry ``key`` (list of str; FFCV: the
+.beton row) and ``skipped`` (what the batch could not read: (shard, reason, count, detail));
+``len(loader)`` is exactly what the next loop yields, ``batches_per_epoch`` a whole epoch's;
+``num_samples``, ``epoch``, ``stats`` / ``samples_seen`` / ``skipped`` / ``skipped_fraction`` /
+``summary()``; ``close()`` (also ``with build_loader(...) as loader``); a batch larger than a
+rank's share of the data raises ``EmptyEpochError`` (a ValueError) when the loader is built;
+``pin_memory=True`` gives page-locked batches on CUDA machines (a no-op without CUDA).
+
 ``resize="device"`` (WebDataset, training): workers decode and crop only; batches carry
 ``crops``/``crop_hw``/``flip`` and the trainer calls
 ``pipelines.transforms.resize_on_device(batch, image_size, device)``.
@@ -28,9 +36,9 @@ import numpy as np
 import torch
 
 from . import storage
-from .epoch_order import EpochOrder, Partition, total
+from .epoch_order import EmptyEpochError, EpochCursor, EpochOrder  # noqa: F401 (EmptyEpochError: API)
 from .transforms import MAETrainTransform, eval_transform
-from .wds_loader import StreamingLoader
+from .wds_loader import LoaderCounters, StreamingLoader
 
 
 @dataclass
@@ -46,6 +54,7 @@ class LoaderConfig:
     shard_cache_dir: str | None = None  # WebDataset: keep remote shards locally for later epochs
     shard_cache_bytes: int = 0  # its size limit (least recently used shards evicted); 0 = off
     resize: str = "cpu"  # training on WebDataset: "device" leaves the resize to resize_on_device
+    pin_memory: bool = False  # GPU trainers: batches in page-locked memory for non_blocking copies
 
 
 class EvalTransform:
@@ -79,9 +88,9 @@ def _sha256(path: str) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-class _FFCVLoader:
+class _FFCVLoader(EpochCursor, LoaderCounters):
     """FFCV's Loader in the common batch format, with the WebDataset path's exact, elastic
-    mid-epoch resume.
+    mid-epoch resume and interface (len, batches_per_epoch, counters, close, EmptyEpochError).
 
     The epoch's global order G is a permutation of the .beton's rows drawn from (seed, epoch)
     alone (`EpochOrder` with the file as one shard and one block: random access is cheap
@@ -90,30 +99,26 @@ class _FFCVLoader:
     those rows in that order (see `_ffcv_loader`; FFCV's own distributed mode would reshuffle
     by world size). Batches are always full (pad repeats: valid=False).
     Batches add ``index`` (position in G, as the WebDataset path), ``row`` (the .beton row:
-    the data-prep plan's order) and ``valid``. FFCV's augmentation draws from its own RNG:
-    a resumed run sees the same samples, not the same crops.
+    the data-prep plan's order), ``key`` (the row as a string: a .beton keeps no sample names),
+    ``valid`` and ``skipped`` (always empty: FFCV checked every image when it wrote the file).
+    FFCV's augmentation draws from its own RNG: a resumed run sees the same samples, not the
+    same crops.
     """
 
     def __init__(self, path: str, cfg: LoaderConfig, train: bool, rank: int, world_size: int):
         from ffcv.reader import Reader
 
         self.path, self.cfg, self.train, self.rank, self.world_size = path, cfg, train, rank, world_size
-        self.seed, self.num_samples = cfg.seed, int(Reader(path).num_samples)
-        self.drop_last = cfg.drop_last and train
-        self.epoch, self.remaining, self.batches_done, self._current = 0, None, 0, None
-
-    def _partition(self) -> Partition:
-        remaining = self.remaining if self.remaining is not None else [(0, self.num_samples)]
-        return Partition(tuple(tuple(iv) for iv in remaining), self.world_size, 1, self.cfg.batch_size,
-                         self.drop_last)
-
-    def __len__(self) -> int:
-        return self._partition().batches_per_rank
+        self.seed, self.num_samples, self.batch_size = cfg.seed, int(Reader(path).num_samples), cfg.batch_size
+        self.drop_last, self._readers = cfg.drop_last and train, 1
+        self.pin_memory = cfg.pin_memory and torch.cuda.is_available()
+        self._reset_counters()
+        self._iterator = None
+        self._check_not_empty()
 
     def __iter__(self):
-        """One epoch (or what is left of it after load_state_dict)."""
-        part, bs = self._partition(), self.cfg.batch_size
-        self._current, self.batches_done = part, 0
+        """One epoch (or what is left of it: after load_state_dict, or a loop left early)."""
+        part, bs = self._begin(), self.batch_size
         n = self.num_samples
         order = (EpochOrder((n,), self.seed, self.epoch, block_size=n).block_permutation(0) if self.train
                  else np.arange(n))
@@ -125,36 +130,44 @@ class _FFCVLoader:
             valid = part.valid_counts(self.rank, 0)
             loader = _ffcv_loader(self.path, bs, max(1, self.cfg.num_workers), self.train, self.cfg.image_size)
             loader.traversal_order.indices = rows.astype(np.uint64)
-            it = iter(loader)  # the order is read here: later changes do not touch this epoch
+            self.close()
+            self._iterator = it = iter(loader)  # the order is read here: later changes do not touch this epoch
             try:
                 for i, (image, label) in enumerate(it):
+                    # a copy (ToTorchImage gives a channels-last view of FFCV's slot buffers, which
+                    # it overwrites a few batches later), into page-locked memory on GPU machines
+                    pixels = torch.empty(image.shape, dtype=image.dtype, pin_memory=self.pin_memory).copy_(image)
+                    r = rows[i * bs:(i + 1) * bs]
+                    batch = dict(image=pixels, label=label.long().reshape(-1),
+                                 index=torch.from_numpy(positions[i * bs:(i + 1) * bs]), row=torch.from_numpy(r),
+                                 key=[str(int(x)) for x in r], valid=torch.arange(bs) < valid[i], skipped=[])
+                    self._count(batch)
                     self.batches_done += 1
-                    # contiguous() copies (ToTorchImage gives a channels-last view of FFCV's
-                    # slot buffers, which it overwrites a few batches later)
-                    yield dict(image=image.contiguous(), label=label.long().reshape(-1),
-                               index=torch.from_numpy(positions[i * bs:(i + 1) * bs]),
-                               row=torch.from_numpy(rows[i * bs:(i + 1) * bs]), valid=torch.arange(bs) < valid[i])
+                    yield batch
             finally:
-                it.close()  # stops FFCV's prefetch thread when the consumer stops mid-epoch
-        self.epoch, self.remaining, self.batches_done, self._current = self.epoch + 1, None, 0, None
+                self.close()
+        self._end_epoch()
+
+    def close(self) -> None:
+        """Stops FFCV's prefetch thread when the consumer stops mid-epoch (idempotent)."""
+        it, self._iterator = self._iterator, None
+        if it is not None:
+            it.close()
+
+    def __enter__(self) -> "_FFCVLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def state_dict(self) -> dict:
         """As StreamingLoader's: the epoch and the not-yet-consumed intervals of its order."""
-        part = self._current
-        remaining = part.remaining_after(self.batches_done) if part is not None else (
-            self.remaining if self.remaining is not None else [(0, self.num_samples)])
-        epoch = self.epoch
-        if part is not None and not remaining:  # the epoch's last batch was consumed
-            epoch, remaining = epoch + 1, [(0, self.num_samples)]
-        return dict(epoch=epoch, seed=self.seed, num_samples=self.num_samples,
-                    samples_consumed=self.num_samples - total(remaining), remaining=[list(iv) for iv in remaining])
+        return dict(self._position(), **self._counter_state())
 
     def load_state_dict(self, state: dict) -> None:
-        if state["num_samples"] != self.num_samples:
-            raise ValueError(f"loader state is for {state['num_samples']} samples, the data has {self.num_samples}")
-        self.epoch, self.seed = state["epoch"], state.get("seed", self.seed)
-        self.remaining = [tuple(iv) for iv in state["remaining"]]
-        self._current, self.batches_done = None, 0
+        self.close()
+        self._load_position(state)
+        self._reset_counters(state)
 
 
 @functools.lru_cache(maxsize=8)
@@ -190,7 +203,7 @@ def build_loader(cfg: LoaderConfig, train: bool = True, rank: int = 0, world_siz
             cfg.manifest, batch_size=cfg.batch_size, transform=transform, rank=rank, world_size=world_size,
             num_workers=cfg.num_workers, seed=cfg.seed, block_size=cfg.block_size,
             drop_last=cfg.drop_last if train else False, cache_dir=cfg.shard_cache_dir,
-            cache_bytes=cfg.shard_cache_bytes)
+            cache_bytes=cfg.shard_cache_bytes, pin_memory=cfg.pin_memory)
     if fmt == "ffcv":
         if cfg.resize != "cpu" and train:
             raise ValueError("resize='device' needs the WebDataset format (FFCV's decoder resizes on the CPU)")

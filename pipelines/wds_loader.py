@@ -57,7 +57,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 from . import storage
 from .epoch_order import EmptyEpochError, EpochCursor, EpochOrder, Partition  # noqa: F401 (EmptyEpochError: API)
 from .shard_cache import ShardCache
-from .transforms import Crop, batch_buffer, pack_crops
+from .transforms import collate_samples
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,10 @@ class _ShardCursor:
         self.samples = group_by_keys(dict(f, __url__=url) for f in tar_file_iterator(self.file))
         self.shard, self.next_index, self.damage = shard, 0, ""
 
-    def get(self, shard: int, index: int) -> dict | _Missing:
+    def get(self, shard: int, index: int) -> dict | None:
+        """The sample, or None past the readable end of the shard (``self.damage`` says why)."""
+        if shard == self.shard and self.damage and index >= self.readable:
+            return None  # known to be past the damage: no second read of the shard
         if shard != self.shard or index < self.next_index:
             self._open(shard)
         sample = None
@@ -143,9 +146,10 @@ class _ShardCursor:
             self.next_index += 1
             if sample is None:  # shard shorter than the manifest says
                 self.next_index = self.shards.counts[shard] + 1
+                self.readable = read
                 self.damage = f"unreadable after {read} of its {self.shards.counts[shard]} samples{error}"
             if self.damage:
-                return _Missing(self.shards.urls[shard], self.damage)
+                return None
         return sample
 
     def close(self) -> None:
@@ -195,7 +199,9 @@ class _EpochStream(IterableDataset):
                     window = flat[start:start + len(positions) + 2 * order.block_size]
                     wanted = {g for g in window if g // order.block_size in blocks and g not in cache}
                     for s, g in sorted((order.stream_position(g), g) for g in wanted):
-                        cache[g] = cursor.get(*order.locate(s))
+                        shard, index = order.locate(s)
+                        sample = cursor.get(shard, index)
+                        cache[g] = sample if sample is not None else _Missing(self.shards.urls[shard], cursor.damage)
                 start += len(positions)
                 yield self._batch(positions, n_valid, cache, order.epoch)
         finally:
@@ -228,11 +234,7 @@ class _EpochStream(IterableDataset):
             if im is None:
                 j = good[i % len(good)]
                 images[i], labels[i], keys[i], valid[i] = images[j], labels[j], keys[j], False
-        if isinstance(images[0], Crop):
-            pixels = pack_crops(images)
-        else:
-            pixels = dict(image=torch.stack(images, out=batch_buffer((len(images), *images[0].shape), images[0].dtype)))
-        return dict(pixels, label=torch.tensor(labels, dtype=torch.int64),
+        return dict(collate_samples(images), label=torch.tensor(labels, dtype=torch.int64),
                     index=torch.tensor(positions, dtype=torch.int64), valid=torch.tensor(valid), key=keys,
                     skipped=[Skipped(u, r, n, why[u, r]) for (u, r), n in bad.items()])
 
@@ -274,7 +276,53 @@ def _close_open_loaders() -> None:
         loader.close()
 
 
-class StreamingLoader(EpochCursor):
+class LoaderCounters:
+    """What a loader delivered and skipped on this rank, for both formats: ``stats`` ("samples":
+    batch entries delivered, plus skipped samples per reason), ``samples_seen`` (valid entries:
+    new, readable samples), ``skipped_by_shard``; saved in ``state_dict()``."""
+
+    def _reset_counters(self, state: dict | None = None) -> None:
+        state = state or {}
+        self.stats: Counter = Counter(state.get("stats", {}))
+        self.samples_seen = state.get("samples_seen", 0)
+        self.skipped_by_shard: dict[str, Counter] = {u: Counter(c) for u, c in state.get("skipped_by_shard", {}).items()}
+        self._warned = set()
+
+    def _counter_state(self) -> dict:
+        return dict(stats=dict(self.stats), samples_seen=self.samples_seen,
+                    skipped_by_shard={u: dict(c) for u, c in self.skipped_by_shard.items()})
+
+    @property
+    def skipped(self) -> int:
+        return sum(v for k, v in self.stats.items() if k != "samples")
+
+    @property
+    def skipped_fraction(self) -> float:
+        """Skipped samples / samples the loader tried to read (skipped + seen), on this rank."""
+        return self.skipped / max(1, self.skipped + self.samples_seen)
+
+    def _count(self, batch: dict) -> None:
+        """Counters, and one stderr line per damaged shard and reason the first time this rank meets it."""
+        for url, reason, count, detail in batch["skipped"]:
+            self.stats[reason] += count
+            self.skipped_by_shard.setdefault(url, Counter())[reason] += count
+            if (url, reason) not in self._warned:
+                self._warned.add((url, reason))
+                print(f"crossmae loader: warning: rank {self.rank}: {url}: {detail}; its unreadable samples are "
+                      f"replaced by other samples of their batch (counted as {reason!r} in loader.stats)",
+                      file=sys.stderr, flush=True)
+        self.stats["samples"] += len(batch["valid"])
+        self.samples_seen += int(batch["valid"].sum())
+
+    def summary(self) -> str:
+        """One line for the end of a run: samples seen and skipped, per reason and shard."""
+        shards = ", ".join(f"{u} ({sum(c.values())})" for u, c in sorted(self.skipped_by_shard.items()))
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.stats.items()) if k != "samples")
+        return (f"rank {self.rank}: {self.samples_seen} samples seen, {self.skipped} skipped "
+                f"({100 * self.skipped_fraction:.2f}%)" + (f": {reasons}; shards: {shards}" if self.skipped else ""))
+
+
+class StreamingLoader(EpochCursor, LoaderCounters):
     """The rank's loader across epochs; ``state_dict()`` after any batch resumes exactly there."""
 
     def __init__(self, shards: ShardList, batch_size: int, transform, rank: int = 0, world_size: int = 1,
@@ -282,14 +330,12 @@ class StreamingLoader(EpochCursor):
                  prefetch_factor: int = 2, cache_dir: str | None = None, cache_bytes: int = 0,
                  pin_memory: bool = False):
         self.shards, self.batch_size, self._transform = shards, batch_size, transform
-        self.pin_memory = pin_memory  # GPUs: batches in page-locked memory for non_blocking copies
+        # GPUs: batches in page-locked memory for non_blocking copies (no-op without CUDA)
+        self.pin_memory = pin_memory and torch.cuda.is_available()
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.seed, self.block_size, self.drop_last, self.prefetch_factor = seed, block_size, drop_last, prefetch_factor
         self._readers = max(1, num_workers)
-        self.stats: Counter = Counter()  # "samples" (batch entries delivered) + skipped samples per reason
-        self.samples_seen = 0  # valid entries delivered: new, readable samples
-        self.skipped_by_shard: dict[str, Counter] = {}
-        self._warned: set = set()
+        self._reset_counters()
         self._stream, self._stopping = None, None
         self.cache = ShardCache(cache_dir, cache_bytes) if cache_dir and cache_bytes > 0 else None
         self._check_not_empty()
@@ -311,15 +357,6 @@ class StreamingLoader(EpochCursor):
     def transform(self, transform) -> None:  # running workers hold the old one
         self.close()
         self._transform = transform
-
-    @property
-    def skipped(self) -> int:
-        return sum(v for k, v in self.stats.items() if k != "samples")
-
-    @property
-    def skipped_fraction(self) -> float:
-        """Skipped samples / samples the loader tried to read (skipped + seen), on this rank."""
-        return self.skipped / max(1, self.skipped + self.samples_seen)
 
     @property
     def worker_pids(self) -> list[int]:
@@ -354,19 +391,6 @@ class StreamingLoader(EpochCursor):
             _OPEN_LOADERS.add(self)
         return self._stream
 
-    def _count(self, batch: dict) -> None:
-        """Counters, and one stderr line per damaged shard and reason the first time this rank meets it."""
-        for url, reason, count, detail in batch["skipped"]:
-            self.stats[reason] += count
-            self.skipped_by_shard.setdefault(url, Counter())[reason] += count
-            if (url, reason) not in self._warned:
-                self._warned.add((url, reason))
-                print(f"crossmae loader: warning: rank {self.rank}: {url}: {detail}; its unreadable samples are "
-                      f"replaced by other samples of their batch (counted as {reason!r} in loader.stats)",
-                      file=sys.stderr, flush=True)
-        self.stats["samples"] += len(batch["valid"])
-        self.samples_seen += int(batch["valid"].sum())
-
     def close(self) -> None:
         """Stops the workers now (idempotent). The loader stays usable: the next loop restarts
         them where this one stopped."""
@@ -391,21 +415,11 @@ class StreamingLoader(EpochCursor):
         except Exception:  # noqa: BLE001 - interpreter teardown
             pass
 
-    def summary(self) -> str:
-        """One line for the end of a run: samples seen and skipped, per reason and shard."""
-        shards = ", ".join(f"{u} ({sum(c.values())})" for u, c in sorted(self.skipped_by_shard.items()))
-        reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.stats.items()) if k != "samples")
-        return (f"rank {self.rank}: {self.samples_seen} samples seen, {self.skipped} skipped "
-                f"({100 * self.skipped_fraction:.2f}%)" + (f": {reasons}; shards: {shards}" if self.skipped else ""))
-
     def state_dict(self) -> dict:
-        return dict(self._position(), block_size=self.block_size, stats=dict(self.stats),
-                    samples_seen=self.samples_seen, skipped_by_shard={u: dict(c) for u, c in self.skipped_by_shard.items()})
+        return dict(self._position(), block_size=self.block_size, **self._counter_state())
 
     def load_state_dict(self, state: dict) -> None:
         self.close()  # running workers are at another position
         self._load_position(state)
         self.block_size = state["block_size"]
-        self.stats = Counter(state.get("stats", {}))
-        self.samples_seen = state.get("samples_seen", 0)
-        self.skipped_by_shard = {u: Counter(c) for u, c in state.get("skipped_by_shard", {}).items()}
+        self._reset_counters(state)

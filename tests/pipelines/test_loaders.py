@@ -155,3 +155,36 @@ def test_device_resize_option_ships_crops(local, tmp_path):
     if "ffcv" in local:
         with pytest.raises(ValueError, match="WebDataset"):
             build_loader(cfg_for(local, "ffcv", tmp_path, resize="device"))
+
+
+@pytest.mark.parametrize("fmt", ["wds", "ffcv"])
+def test_the_factory_gives_the_trainer_one_interface_for_both_formats(local, tmp_path, fmt):
+    """What crossmae-pretrain uses: batches with image/key/valid, len and batches_per_epoch,
+    counters, state_dict/load_state_dict (a few steps, a restart, the rest), close(), and an
+    EmptyEpochError for a batch larger than a rank's share."""
+    from pipelines.epoch_order import EmptyEpochError
+
+    workers = 2 if fmt == "wds" else 1  # FFCV: the configuration the resume tests compiled (numba, ~20 s each)
+    cfg = cfg_for(local, fmt, tmp_path, batch_size=4, num_workers=workers, image_size=32, resize="cpu",
+                  pin_memory=True)
+    with build_loader(cfg, train=True, rank=1, world_size=2) as ld:
+        assert (ld.num_samples, ld.epoch, ld.batches_per_epoch, len(ld)) == (40, 0, 5, 5)
+        it = iter(ld)
+        first = [next(it) for _ in range(2)]
+        for b in first:
+            assert b["image"].shape == (4, 3, 32, 32) and b["image"].dtype == torch.uint8
+            assert b["image"].is_contiguous() and len(b["key"]) == 4 and b["valid"].all() and b["skipped"] == []
+        state = json.loads(json.dumps(ld.state_dict()))  # as saved with a checkpoint
+        assert state["samples_consumed"] == 2 * 4 * 2 and ld.samples_seen == 8 and ld.stats["samples"] == 8
+    assert ld.skipped == 0 and ld.skipped_fraction == 0 and "8 samples seen, 0 skipped" in ld.summary()
+    resumed = build_loader(cfg, train=True, rank=1, world_size=2)
+    resumed.load_state_dict(state)
+    assert len(resumed) == 3 and resumed.samples_seen == 8
+    rest = list(resumed)
+    assert len(rest) == 3 and resumed.epoch == 1 and len(resumed) == 5
+    uninterrupted = list(build_loader(cfg, train=True, rank=1, world_size=2))
+    assert [b["key"] for b in first + rest] == [b["key"] for b in uninterrupted]
+    assert [b["index"].tolist() for b in first + rest] == [b["index"].tolist() for b in uninterrupted]
+    resumed.close()
+    with pytest.raises(EmptyEpochError, match="40 samples over 2 rank"):
+        build_loader(cfg_for(local, fmt, tmp_path, batch_size=21), train=True, rank=0, world_size=2)
