@@ -152,8 +152,13 @@ class RunMetrics:
     def _loader_counts(self) -> tuple[int, int]:
         stats = getattr(self.loader, "stats", {}) or {}
         skipped = sum(v for k, v in stats.items() if k != "samples")
-        seen = getattr(self.loader, "samples_seen", None) or stats.get("samples", 0)
-        return skipped, seen
+        seen = getattr(self.loader, "samples_seen", None)
+        if seen is None and hasattr(self.loader, "state_dict"):  # a prefetcher: the loader's state
+            try:
+                seen = self.loader.state_dict().get("samples_seen")
+            except ValueError:
+                seen = None
+        return skipped, seen or stats.get("samples", 0)
 
     def step(self, step: int, result, lr: float, engine) -> None:
         from . import distributed

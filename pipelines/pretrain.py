@@ -38,7 +38,7 @@ from .observe import Observer, RunMetrics, code_version
 from .optim import lr_at, set_lr
 from .run_checks import check_resume_config, describe_schedule_change, short_run_warning
 from .train_config import PretrainConfig, deepspeed_config, default_num_workers, resolve_precision
-from .train_step import NonFiniteLoss, TrainStep, build_engine
+from .train_step import NonFiniteLoss, TrainStep, build_engine, device_batches
 
 checkpoints = complete_tags  # the old name (pipelines.demo, tests)
 
@@ -86,10 +86,8 @@ def train_transform(cfg: PretrainConfig):
     """The per-sample training transform for ``data.resize`` / ``data.decode``."""
     from .transforms import MAETrainTransform
 
-    if cfg.data.decode == "gpu":
-        from .device_decode import JpegCropTransform
-
-        return JpegCropTransform(cfg.data.image_size)
+    if cfg.data.decode == "gpu":  # workers read headers and draw boxes; the device decodes (device_decode.py)
+        return MAETrainTransform(cfg.data.image_size, decode="gpu")
     return MAETrainTransform(cfg.data.image_size, resize=cfg.data.resize)
 
 
@@ -189,7 +187,7 @@ def train(cfg: PretrainConfig, resume: str = "auto") -> dict:
                 derived["max_steps"] = min(derived["max_steps"], cfg.run.max_steps)
         if rank == 0:
             if hasattr(checkpointer, "restore_history"):
-                checkpointer.restore_history()  # metrics.jsonl etc. from the store on a fresh node
+                checkpointer.restore_history(step)  # metrics.jsonl etc. from the store on a fresh node
             ds_config = dict(deepspeed_config(cfg, world, on_gpu), **(plan.ds_config_patch if plan else {}))
             _write_run_files(cfg, ds_config, derived, world, precision, on_gpu)
             warning = short_run_warning(cfg, derived, step)
@@ -205,13 +203,13 @@ def train(cfg: PretrainConfig, resume: str = "auto") -> dict:
 
 def _loop(cfg, engine, optimizer, loader, checkpointer, stop, derived, dtype, device, rank, world, step, samples):
     """The training loop: one screen, top to bottom."""
+    batches = device_batches(_forever(loader), cfg.data.image_size, device, dtype, state_source=loader)
     obs = Observer(cfg.run.output, rank == 0, derived["max_steps"], step, cfg.run.tensorboard)
-    metrics = RunMetrics(cfg, obs, loader, world, device,
+    metrics = RunMetrics(cfg, obs, batches, world, device,
                          flops_per_image=3 * flops_per_image(engine.module.config, "pred")["total"])
     train_step = TrainStep(engine, cfg, device, dtype, rank, world, on_skip=metrics.skipped_step)
     keys_log = open(os.path.join(cfg.run.output, f"keys-rank{rank}.jsonl"), "a", buffering=1) if cfg.run.log_keys else None
     fixed = _fixed_batch(cfg, device)
-    batches = iter(_forever(loader))
     stopped = False
     while step < derived["max_steps"]:
         lr = lr_at(samples, derived["lr"], derived["warmup_samples"], derived["total_samples"], cfg.optim.min_lr)
@@ -226,7 +224,7 @@ def _loop(cfg, engine, optimizer, loader, checkpointer, stop, derived, dtype, de
             metrics.recon(step, engine.module, fixed)  # every rank: ZeRO-3 gathers parameters
         stopped = result.stop
         if step % cfg.run.save_every == 0 or step == derived["max_steps"] or stopped:
-            checkpointer.save(engine, step, dict(loader=loader.state_dict(), samples=samples,
+            checkpointer.save(engine, step, dict(loader=batches.state_dict(), samples=samples,
                                                  effective_batch=derived["effective_batch"], lr=derived["lr"],
                                                  world_size=world, config=config_loader.to_dict(cfg)))
         if stopped:

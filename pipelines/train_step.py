@@ -23,7 +23,7 @@ from crossmae import MaskedAutoencoder
 from . import distributed
 from .optim import build_optimizer
 from .train_config import PretrainConfig, deepspeed_config, resolve_precision
-from .transforms import normalize_batch, resize_on_device
+from .device_decode import DevicePrefetcher, batch_to_device
 
 
 class NonFiniteLoss(RuntimeError):
@@ -57,18 +57,6 @@ def build_engine(cfg: PretrainConfig, world: int, device: torch.device, ds_patch
     return engine, optimizer, torch.bfloat16 if bf16_weights else torch.float32
 
 
-def batch_to_device(batch: dict, image_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Normalised (N, 3, S, S) images on ``device`` from any of the loader's batch formats."""
-    if "jpeg" in batch or "crops" in batch or "sizes" in batch:
-        try:
-            from .device_decode import batch_to_device as decode  # data.decode=gpu (packed JPEGs)
-
-            return decode(batch, image_size, device, dtype)
-        except ImportError:
-            return resize_on_device(batch, image_size, device, dtype)
-    return normalize_batch(batch["image"], device, dtype)
-
-
 def masking_noise(seed: int, step: int, micro: int, rank: int, n: int, num_patches: int,
                   device: torch.device) -> torch.Tensor:
     """Uniform noise for ``random_masking``, drawn on ``device`` (no host->device copy) from a
@@ -98,8 +86,17 @@ class StepResult:
     keys: list = field(default_factory=list)  # per micro-batch sample keys (for exact-resume proofs)
 
 
+def device_batches(batches, image_size: int, device: torch.device, dtype: torch.dtype, state_source=None):
+    """(batch, images on the device) pairs, prepared one batch ahead on a side stream on GPUs
+    (JPEG decode / resize of batch i+1 overlaps step i); ``.state_dict()`` is the loader's
+    state after the last pair handed out (what a checkpoint must hold)."""
+    return DevicePrefetcher(batches, lambda b: (b, batch_to_device(b, image_size, device, dtype)), device,
+                            state_source=state_source)
+
+
 class TrainStep:
-    """``step(step, batches, stop_requested)`` runs one optimizer step on ``engine``."""
+    """``step(step, batches, stop_requested)`` runs one optimizer step on ``engine``;
+    ``batches`` yields (batch, images on the device) pairs (:func:`device_batches`)."""
 
     def __init__(self, engine, cfg: PretrainConfig, device: torch.device, dtype: torch.dtype, rank: int, world: int,
                  on_skip=None):
@@ -119,9 +116,8 @@ class TrainStep:
         micro = attempt = 0
         while micro < cfg.deepspeed.grad_accum:
             t0 = time.perf_counter()
-            batch = next(batches)
+            batch, imgs = next(batches)
             result.data_wait += time.perf_counter() - t0
-            imgs = batch_to_device(batch, cfg.data.image_size, self.device, self.dtype)
             noise = masking_noise(cfg.run.seed, step, micro + 1000 * attempt, self.rank, imgs.shape[0],
                                   self.num_patches, self.device)
             loss = engine(imgs, noise).loss

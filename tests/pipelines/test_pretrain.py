@@ -150,12 +150,14 @@ def test_observability_and_a_skipped_non_finite_step(manifest, tmp_path):
     assert [e.step for e in acc.Scalars("train/loss")] == [2, 4, 6]
     assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx([r["loss"] for r in recs])
     assert "recon" in acc.Tags()["images"]
+    sizes = set()
     for step in (3, 6):
         with Image.open(out / "recon" / f"step{step:08d}.png") as im:
-            assert im.size == (4 * 32, 4 * 32) and im.mode == "RGB"
+            assert im.width >= 4 * 96 and im.height >= 4 * 96 and im.mode == "RGB"  # cells upscaled, 4 rows
+            sizes.add(im.size)
+    assert len(sizes) == 1
     a, b = (np.asarray(Image.open(out / "recon" / f"step{s:08d}.png")).astype(int) for s in (3, 6))
-    assert (a[:, :64] == b[:, :64]).all(), "original and masked columns: the same fixed batch and masks"
-    assert (a[:, 64:] != b[:, 64:]).any(), "reconstructions change as the model trains"
+    assert (a != b).any(), "reconstructions (and the step in the title) change as the model trains"
     version = json.loads((out / "version.json").read_text())
     assert version["world_size"] == 2 and version["deepspeed"] and version["precision"] == "fp32"
 
@@ -189,7 +191,8 @@ def test_deepspeed_launcher_bf16(manifest, tmp_path):
     out = tmp_path / "ds"
     launch(manifest, out, "run.max_steps=3", "run.save_every=3", "deepspeed.precision=bf16",
            "deepspeed.zero_stage=1", launcher="deepspeed")
-    assert json.loads((out / "deepspeed.json").read_text())["bf16"] == {"enabled": True}
+    ds = json.loads((out / "deepspeed.json").read_text())
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and "bf16" not in ds
     assert [r["step"] for r in records(out)] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in records(out))
     assert consolidated(out, "step00000003")
 

@@ -54,7 +54,9 @@ def test_deepspeed_accepts_the_derived_config(stage, on_gpu):
     parsed = DeepSpeedConfig(ds)
     assert parsed.train_batch_size == 16 and parsed.gradient_accumulation_steps == 2
     assert parsed.zero_optimization_stage == stage and parsed.gradient_clipping == 1.0
-    assert parsed.bfloat16_config.enabled is on_gpu
+    assert parsed.torch_autocast_enabled is on_gpu and parsed.bfloat16_config.enabled is False  # autocast mode
+    weights = load(PretrainConfig, None, ["deepspeed.bf16_mode=weights"])
+    assert DeepSpeedConfig(deepspeed_config(weights, 1, on_gpu)).bfloat16_config.enabled is on_gpu
     with pytest.raises(AssertionError):  # and it does check: a wrong batch product is refused
         DeepSpeedConfig(dict(ds, train_batch_size=63))
 
@@ -78,3 +80,52 @@ def test_schedule_warms_up_linearly_then_half_cosine():
     assert lr_at(110, 1.0, 10, 110, min_lr=0.1) == pytest.approx(0.1)
     values = [lr_at(s, 1.0, 10, 110) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("deepspeed.micro_batch=0", "deepspeed.micro_batch must be >= 1, got 0"),
+    ("deepspeed.micro_batch=-3", "deepspeed.micro_batch must be >= 1, got -3"),
+    ("deepspeed.grad_accum=0", "deepspeed.grad_accum must be >= 1"),
+    ("run.max_steps=0", "run.max_steps must be >= 1"),
+    ("run.max_steps=-1", "run.max_steps must be >= 1"),
+    ("optim.warmup_epochs=900", "optim.warmup_epochs must be in"),
+    ("data.max_skipped_fraction=2", "data.max_skipped_fraction"),
+    ("model.preset=nope", "model:"),
+])
+def test_values_that_would_crash_or_do_nothing_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load(PretrainConfig, None, [override]).validate()
+
+
+def test_a_batch_larger_than_each_ranks_data_is_refused_naming_the_numbers():
+    cfg = load(PretrainConfig, None, ["deepspeed.micro_batch=8"])
+    assert cfg.steps_per_epoch(16, 2) == 1
+    with pytest.raises(ConfigError, match="15 training samples over 2 rank.*7 samples.*micro_batch=8"):
+        cfg.steps_per_epoch(15, 2)
+    with pytest.raises(ConfigError, match="micro_batch=2000"):
+        load(PretrainConfig, None, ["deepspeed.micro_batch=2000"]).derived(1200, 1)
+
+
+def test_the_schedule_is_kept_in_samples_across_world_sizes():
+    """2 -> 1 ranks without grad_accum: steps per epoch double, but the lr at a given number of
+    samples seen is the same curve (peak scaled with the batch, as blr scaling says)."""
+    from pipelines.optim import lr_at
+
+    cfg = load(PretrainConfig, None, ["deepspeed.micro_batch=8", "optim.lr=1e-3", "optim.epochs=10",
+                                      "optim.warmup_epochs=2"])
+    two, one = cfg.derived(1200, 2), cfg.derived(1200, 1)
+    assert one["steps_per_epoch"] == 2 * two["steps_per_epoch"]
+    assert one["total_samples"] == two["total_samples"] and one["warmup_samples"] == two["warmup_samples"]
+    samples = 100 * two["effective_batch"]  # resumed after 100 steps on 2 ranks
+    lr2 = lr_at(samples, two["lr"], two["warmup_samples"], two["total_samples"])
+    lr1 = lr_at(samples, one["lr"], one["warmup_samples"], one["total_samples"])
+    assert lr1 == pytest.approx(lr2)  # the old per-step schedule jumped here (0.00053 -> 0.00091 in the report)
+
+
+def test_default_workers_fit_the_machine():
+    from pipelines.train_config import default_num_workers
+
+    import os
+    cores = len(os.sched_getaffinity(0))
+    assert default_num_workers(1) == max(1, min(16, cores - 1))
+    assert default_num_workers(cores) == 1 and default_num_workers(64 * cores) == 1
