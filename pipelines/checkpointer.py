@@ -1,10 +1,16 @@
 """The trainer's checkpointing component: choose the checkpoint to resume from, save DeepSpeed
-checkpoints (with the loader position and step as client state) into ``run.output``, and
-mirror each one into ``run.store`` in the background.
+checkpoints (with the loader position and step as client state) into ``run.output``, mirror
+each one and the run's history (metrics.jsonl, TensorBoard events, recon PNGs) into
+``run.store`` in the background, and bring the history back on a fresh node.
 
 Layout: ``<output>/checkpoints/<tag>/`` (tag ``step00001000``), a ``COMPLETE`` marker once
 every rank's files are written; in the store the same files, one receipt per node, then
 ``COMPLETE`` and ``latest`` (pipelines/checkpoints.py).
+
+A hung store never holds training for long: a save waits for the previous upload at most
+``run.upload_wait_s`` seconds, then goes on; the new checkpoint stays local and the mirror
+catches up with the newest one when the store answers again (each S3 request also ends within
+its own bound, pipelines/s3.py). ``failures`` counts the checkpoints that never reached the store.
 """
 from __future__ import annotations
 
@@ -18,9 +24,20 @@ import time
 from . import checkpoints as ckpt
 from . import distributed, reshard, storage
 
+# A save waits this long for the previous upload (back-pressure while the store is just slower
+# than the save interval); past it, training goes on and the mirror skips to the newest tag.
+UPLOAD_WAIT_S = 120.0
+# At the end of the run, the last upload gets this long: a ViT-L checkpoint with its optimizer
+# state is ~4 GB, ~40 s at 100 MB/s, so 15 min only runs out when the store is really down.
+CLOSE_WAIT_S = 900.0
+
 
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def say(message: str) -> None:
+    print(f"crossmae-pretrain: {message}", file=sys.stderr, flush=True)
 
 
 def complete_tags(out: str) -> list[str]:
@@ -31,38 +48,95 @@ def complete_tags(out: str) -> list[str]:
     return sorted(t for t in os.listdir(root) if os.path.exists(os.path.join(root, t, "COMPLETE")))
 
 
+def _same_place(output: str, store: str) -> bool:
+    return "://" not in store and os.path.realpath(store) == os.path.realpath(output)
+
+
 class Mirror:
-    """Copies each checkpoint into ``run.store`` in a background thread, so training goes on
-    while it uploads. Each node's local rank 0 uploads the files its ranks wrote and then a
-    receipt (checkpoints/<tag>/_nodes/<node>.json); global rank 0 waits for every node's
-    receipt, checks every listed file is in the store, and only then writes COMPLETE and
-    ``latest`` and prunes. One upload in flight: the next save waits for the previous one."""
+    """Copies checkpoints into ``run.store`` from one background thread. Each node's local rank 0
+    uploads the files its ranks wrote and then a receipt (checkpoints/<tag>/_nodes/<node>.json);
+    global rank 0 waits for every node's receipt, checks every listed file is in the store, and
+    only then writes COMPLETE and ``latest``, prunes, and mirrors the history. At most one tag
+    uploads and one waits: a newer save replaces the waiting one (counted, said on stderr)."""
 
     def __init__(self, run, rank: int, world: int):
-        self.run, self.rank = run, rank
+        self.run, self.rank, self.store = run, rank, run.store
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        self.uploader = local_rank() == 0
+        self.uploader = bool(run.store) and local_rank() == 0
         self.node, self.nodes = rank // local_world, max(1, world // local_world)
-        self.thread: threading.Thread | None = None
-        self.failures = 0
+        self.history = rank == 0 and bool(run.store) and not _same_place(run.output, run.store)
+        self.mirrored: str | None = None  # newest tag this node uploaded (rank 0: published)
+        self.not_mirrored: list[str] = []
+        self.history_error: str | None = None
+        self._cv = threading.Condition()
+        self._queued: tuple[str, int] | None = None
+        self._current: str | None = None
+        self._thread: threading.Thread | None = None
 
-    def start(self, tag: str, step: int) -> None:
-        self.join()
-        if not self.run.store or not self.uploader:
+    @property
+    def failures(self) -> int:
+        return len(self.not_mirrored)
+
+    def pending(self) -> list[str]:
+        """Tags uploading now or waiting to: their local copies must not be pruned."""
+        with self._cv:
+            return [t for t in (self._current, self._queued and self._queued[0]) if t]
+
+    def wait(self, timeout: float, why: str) -> bool:
+        """Wait until nothing is pending, at most ``timeout`` s; one stderr line when the wait
+        starts and one when it ends. True when the mirror is idle."""
+        pending = self.pending()
+        if not pending:
+            return True
+        say(f"{why}: waiting up to {timeout:g} s for the upload of {', '.join(pending)} to {self.store}")
+        t0 = time.monotonic()
+        with self._cv:
+            self._cv.wait_for(lambda: self._current is None and self._queued is None, timeout)
+        left = self.pending()
+        if not left:
+            say(f"{why}: upload finished after {time.monotonic() - t0:.1f} s")
+            return True
+        say(f"{why}: gave up waiting after {timeout:g} s, {', '.join(left)} still uploading to {self.store}; "
+            "training goes on, local checkpoints stand and the store gets the newest one when it answers")
+        return False
+
+    def submit(self, tag: str, step: int) -> None:
+        if not self.uploader:
             return
-        if self.run.async_upload:
-            self.thread = threading.Thread(target=self._run, args=(tag, step), name=f"upload-{tag}", daemon=True)
-            self.thread.start()
-        else:
-            self._run(tag, step)
+        if not self.run.async_upload:
+            self._upload(tag, step)
+            return
+        with self._cv:
+            if self._queued is not None:
+                self._skip(self._queued[0], f"replaced by {tag} before its upload started")
+            self._queued = (tag, step)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="checkpoint-mirror", daemon=True)
+                self._thread.start()
 
-    def join(self) -> None:
-        if self.thread is not None:
-            self.thread.join()
-            self.thread = None
+    def _work(self) -> None:
+        while True:
+            with self._cv:
+                if self._queued is None:
+                    self._thread = None
+                    self._cv.notify_all()
+                    return
+                (tag, step), self._queued = self._queued, None
+                self._current = tag
+            try:
+                self._upload(tag, step)
+            finally:
+                with self._cv:
+                    self._current = None
+                    self._cv.notify_all()
 
-    def _run(self, tag: str, step: int) -> None:
-        store, root = self.run.store, os.path.join(self.run.output, "checkpoints")
+    def _skip(self, tag: str, why: str) -> None:
+        if tag not in self.not_mirrored:
+            self.not_mirrored.append(tag)
+        say(f"checkpoint {tag} not mirrored to {self.store}: {why}")
+
+    def _upload(self, tag: str, step: int) -> None:
+        store, root = self.store, os.path.join(self.run.output, "checkpoints")
         try:
             names = ckpt.files(os.path.join(root, tag))
             ckpt.upload(root, tag, store, names)
@@ -71,12 +145,20 @@ class Mirror:
             if self.rank == 0:
                 expected = self._wait_for_receipts(store, tag)
                 ckpt.publish(store, tag, step, expected)
-                prefix = storage.join(store, "checkpoints") + "/"
-                tags = {u[len(prefix):].split("/")[0] for u, _ in storage.list_objects(prefix) if u.endswith("/COMPLETE")}
-                ckpt.prune(store, {t: int(t[4:]) for t in tags}, self.run.keep_last, self.run.keep_every)
+                complete, incomplete = ckpt.store_tags(store)
+                ckpt.prune(store, complete, self.run.keep_last, self.run.keep_every)
+                ckpt.prune_abandoned(store, step, incomplete)
+            self.mirrored = tag
         except Exception as e:  # noqa: BLE001 - reported, counted; the local checkpoint still stands
-            self.failures += 1
-            print(f"crossmae-pretrain: checkpoint {tag} not mirrored to {store}: {e}", file=sys.stderr)
+            self._skip(tag, str(e))
+            return
+        if self.history:
+            try:
+                ckpt.upload_history(self.run.output, store)
+                self.history_error = None
+            except Exception as e:  # noqa: BLE001 - retried at the next save, reported at close
+                self.history_error = str(e)
+                say(f"run history (metrics.jsonl, tensorboard/, recon/) not mirrored to {store}: {e}")
 
     def _wait_for_receipts(self, store: str, tag: str, timeout: float = 3600.0) -> list[str]:
         deadline = time.monotonic() + timeout
@@ -85,6 +167,9 @@ class Mirror:
             missing = [r for r in receipts if not storage.exists(r)]
             if not missing:
                 break
+            if self._queued is not None:  # this node moved on; the others do the same
+                raise storage.StorageError(f"{len(missing)} node(s) had not uploaded it when {self._queued[0]} "
+                                           "was saved")
             if time.monotonic() > deadline:
                 raise storage.StorageError(f"{len(missing)} node(s) did not finish uploading {tag} in {timeout:.0f} s")
             time.sleep(1.0)
@@ -95,13 +180,17 @@ class Mirror:
 
 
 class Checkpointer:
-    """``resume_tag`` -> ``load`` at start; ``save`` every ``run.save_every`` steps; ``close``
-    at the end (waits for the last upload). ``failures`` counts checkpoints not mirrored."""
+    """``resume_tag`` -> ``prepare`` -> ``load`` (and ``restore_history`` on rank 0) at start;
+    ``save`` every ``run.save_every`` steps; ``close`` at the end. ``failures`` counts
+    checkpoints not mirrored to the store."""
 
     def __init__(self, run, rank: int, world: int):
         self.run, self.rank, self.world = run, rank, world
         self.root = os.path.join(run.output, "checkpoints")
         self.mirror = Mirror(run, rank, world)
+        self.upload_wait_s = float(getattr(run, "upload_wait_s", UPLOAD_WAIT_S))
+        self.close_wait_s = float(getattr(run, "close_wait_s", CLOSE_WAIT_S))
+        self.resumed_step: int | None = None
 
     @property
     def failures(self) -> int:
@@ -123,7 +212,18 @@ class Checkpointer:
             with open(os.path.join(self.root, best, "COMPLETE"), "w") as f:
                 f.write(best[4:])
         distributed.barrier()
+        self.resumed_step = int(best[4:]) if best else None
         return best
+
+    def restore_history(self, step: int | None = None) -> dict | None:
+        """Rank 0, at resume, before metrics.jsonl is opened: fetch metrics.jsonl, TensorBoard
+        events and recon PNGs from the store where the output lacks them, and drop metrics
+        lines past the resumed step (they are logged again)."""
+        step = self.resumed_step if step is None else step
+        if self.rank != 0 or step is None:
+            return None
+        store = None if not self.run.store or _same_place(self.run.output, self.run.store) else self.run.store
+        return ckpt.restore_history(self.run.output, store, step)
 
     def prepare(self, tag: str) -> "reshard.ResumePlan":
         """Check the checkpoint's files (before DeepSpeed unpickles them) and, when it was saved
@@ -141,20 +241,32 @@ class Checkpointer:
 
     def save(self, engine, step: int, client_state: dict) -> str:
         """DeepSpeed checkpoint + client state into the local directory; COMPLETE once every
-        rank's files are written; then the store mirror starts (in the background by default)."""
+        rank's files are written; then the store mirror takes it (in the background by default).
+        Waits for the previous upload at most ``run.upload_wait_s``."""
         tag = f"step{step:08d}"
         engine.save_checkpoint(self.root, tag=tag, client_state=dict(client_state, step=step))
         distributed.barrier()
-        self.mirror.join()  # the previous upload must finish before its local copy may be pruned
         if local_rank() == 0:  # each node marks and prunes its own directory
             with open(os.path.join(self.root, tag, "COMPLETE"), "w") as f:
                 f.write(str(step))
+            self.mirror.wait(self.upload_wait_s, f"checkpoint {tag}")
             steps = {t: int(t[4:]) for t in complete_tags(self.run.output)}
+            keep = set(self.mirror.pending()) | {tag}  # never delete what the mirror still reads
             for old in ckpt.tags_to_delete(list(steps), steps, self.run.keep_last, self.run.keep_every):
-                shutil.rmtree(os.path.join(self.root, old), ignore_errors=True)
+                if old not in keep:
+                    shutil.rmtree(os.path.join(self.root, old), ignore_errors=True)
         distributed.barrier()
-        self.mirror.start(tag, step)
+        self.mirror.submit(tag, step)
         return tag
 
-    def close(self) -> None:
-        self.mirror.join()
+    def close(self, wait_s: float | None = None) -> None:
+        """Give the last uploads ``wait_s`` (default ``run.close_wait_s``), then say in one line
+        what did not reach the store; those count in ``failures``."""
+        m = self.mirror
+        m.wait(self.close_wait_s if wait_s is None else wait_s, "end of run")
+        m.not_mirrored += [t for t in m.pending() if t not in m.not_mirrored]  # said in the line below
+        if m.not_mirrored or m.history_error:
+            history = f"; history not mirrored: {m.history_error}" if m.history_error else ""
+            say(f"{len(m.not_mirrored)} checkpoint(s) not mirrored to {self.run.store}: "
+                f"{', '.join(sorted(set(m.not_mirrored))) or 'none'}; newest there from this run: "
+                f"{m.mirrored or 'none'}; local copies in {self.root}{history}")

@@ -5,15 +5,22 @@ Layout under a store ``S`` (local path or ``s3://``)::
     S/checkpoints/<tag>/...        every file of the DeepSpeed checkpoint directory
     S/checkpoints/<tag>/COMPLETE   written after all of the tag's files are durable
     S/latest                       {"tag": ..., "step": ...}: written last, names a COMPLETE tag
+    S/metrics.jsonl, S/tensorboard/..., S/recon/*.png    the run's history (global rank 0)
 
-A crash at any point leaves ``latest`` naming the previous complete checkpoint.
+A crash at any point leaves ``latest`` naming the previous complete checkpoint. The history is
+append-only: a stored file is only replaced by a local one that is further along.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 
 from . import storage
+
+METRICS = "metrics.jsonl"
+HISTORY_DIRS = {"tensorboard": "", "recon": ".png"}  # folder -> name suffix mirrored ("" = every file)
 
 
 def files(local_dir: str) -> list[str]:
@@ -75,34 +82,156 @@ def tags_to_delete(tags: list[str], steps: dict[str, int], keep_last: int, keep_
     return [t for t in ordered if t not in keep]
 
 
+def store_tags(store: str) -> tuple[dict[str, int], list[str]]:
+    """({complete tag: step}, [tags with files but no COMPLETE]) in the store."""
+    prefix = storage.join(store, "checkpoints") + "/"
+    seen, complete = set(), {}
+    for url, _ in storage.list_objects(prefix):
+        tag, _, rest = url[len(prefix):].partition("/")
+        seen.add(tag)
+        if rest == "COMPLETE":
+            complete[tag] = int(tag[4:])
+    return complete, sorted(seen - set(complete))
+
+
+def delete_tag(store: str, tag: str) -> None:
+    """Remove a tag's objects, COMPLETE first (so a half-deleted tag is never chosen)."""
+    prefix = storage.join(store, "checkpoints", tag)
+    storage.delete(storage.join(prefix, "COMPLETE"))
+    for url, _ in list(storage.list_objects(prefix + "/")):
+        storage.delete(url)
+
+
 def prune(store: str, steps: dict[str, int], keep_last: int, keep_every: int) -> list[str]:
     """Delete old complete tags from the store (COMPLETE first, so a half-deleted tag is never chosen)."""
     gone = tags_to_delete(list(steps), steps, keep_last, keep_every)
     for tag in gone:
-        prefix = storage.join(store, "checkpoints", tag)
-        storage.delete(storage.join(prefix, "COMPLETE"))
-        for url, _ in list(storage.list_objects(prefix + "/")):
-            storage.delete(url)
+        delete_tag(store, tag)
     return gone
 
 
-def check_weights_only(ckpt_dir: str) -> None:
-    """DeepSpeed 0.19.8 unpickles its checkpoints with ``weights_only=False`` (zero_to_fp32,
-    the torch checkpoint engine), so a checkpoint from elsewhere could run code when loaded.
-    Refuse any ``.pt`` file that needs more than tensors, containers and the three DeepSpeed
-    classes its checkpoints hold. ``mmap=True``: pickles are read, tensor data is not."""
-    import torch
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
+def prune_abandoned(store: str, published_step: int, incomplete: list[str]) -> list[str]:
+    """Delete the files of tags older than the one just published that never got COMPLETE
+    (failed or superseded uploads): only global rank 0 publishes, in step order, so none of
+    them can become complete any more."""
+    gone = [t for t in incomplete if int(t[4:]) < published_step]
+    for tag in gone:
+        delete_tag(store, tag)
+    return gone
 
-    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
-        for dirpath, _, names in os.walk(ckpt_dir):
-            for name in sorted(n for n in names if n.endswith(".pt")):
-                path = os.path.join(dirpath, name)
-                try:
-                    torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-                except Exception as e:  # noqa: BLE001 - any refusal or damage is the same answer
-                    cause = next((ln for ln in str(e).splitlines() if "GLOBAL" in ln), type(e).__name__)
-                    raise storage.StorageError(f"{path}: refused, not a plain weights file ({cause.strip()})",
-                                               path) from None
+
+# ---------------------------------------------------------------------------------- history
+def copy(src_url: str, dst_url: str) -> None:
+    """One object or file to another URL, in 16 MiB chunks; the target appears complete or not at all."""
+    with storage.open_read(src_url) as src, storage.open_write(dst_url) as dst:
+        while chunk := src.read(16 << 20):
+            dst.write(chunk)
+
+
+def _complete_lines(data: bytes) -> bytes:
+    """Up to the last newline: a line being appended right now is left for the next mirror."""
+    return data[: data.rfind(b"\n") + 1]
+
+
+def _last_step(data: bytes) -> int:
+    for line in reversed(_complete_lines(data).splitlines()):
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            return int(json.loads(line)["step"])
+    return -1
+
+
+def history_files(output: str) -> dict[str, int]:
+    """{path relative to output: size} of the TensorBoard events and reconstruction PNGs."""
+    out = {}
+    for folder, suffix in HISTORY_DIRS.items():
+        for dirpath, _, names in os.walk(os.path.join(output, folder)):
+            for name in names:
+                if name.endswith(suffix) and not name.startswith(".") and not name.endswith((".tmp", storage.TMP_SUFFIX)):
+                    path = os.path.join(dirpath, name)
+                    with contextlib.suppress(FileNotFoundError):
+                        out[os.path.relpath(path, output)] = os.path.getsize(path)
+    return out
+
+
+def _stored(store: str, folder: str) -> dict[str, int]:
+    prefix = storage.join(store, folder) + "/"
+    return {folder + "/" + url[len(prefix):]: size for url, size in storage.list_objects(prefix)}
+
+
+def upload_history(output: str, store: str) -> list[str]:
+    """Mirror metrics.jsonl, TensorBoard events and recon PNGs; returns what was uploaded.
+    Append-safe: events files and PNGs go up when missing or grown; metrics.jsonl (complete
+    lines only) when its last step is past the stored one's, or equal with more bytes; a
+    local file that is behind the store's never replaces it."""
+    sent = []
+    local_metrics = os.path.join(output, METRICS)
+    if os.path.exists(local_metrics):
+        with open(local_metrics, "rb") as f:
+            data = _complete_lines(f.read())
+        url = storage.join(store, METRICS)
+        try:
+            stored_size = storage.size(url)
+            stored_step = _last_step(storage.read_range(url, max(0, stored_size - 65536), None))
+        except FileNotFoundError:
+            stored_size, stored_step = -1, -2
+        step = _last_step(data)
+        if step > stored_step or (step == stored_step and len(data) > stored_size):
+            storage.write_bytes(url, data)
+            sent.append(METRICS)
+    remote = {}
+    for folder in HISTORY_DIRS:
+        remote.update(_stored(store, folder))
+    for rel, size in sorted(history_files(output).items()):
+        if size > remote.get(rel, -1):
+            copy(os.path.join(output, rel), storage.join(store, rel))
+            sent.append(rel)
+    return sent
+
+
+def _lines_upto(data: bytes, step: int) -> tuple[bytes, int, int]:
+    """(lines of steps <= step, lines dropped past it, unreadable lines, e.g. cut by a crash)."""
+    kept, dropped, damaged = [], 0, 0
+    for line in data.splitlines():
+        try:
+            line_step = int(json.loads(line)["step"])
+        except (ValueError, TypeError, KeyError):
+            damaged += 1
+            continue
+        if line_step > step:
+            dropped += 1
+        else:
+            kept.append(line + b"\n")
+    return b"".join(kept), dropped, damaged
+
+
+def restore_history(output: str, store: str | None, step: int) -> dict[str, int]:
+    """At resume from ``step``: fetch the TensorBoard events and recon PNGs the local output
+    lacks; metrics.jsonl becomes whichever of the local and the stored copy reaches further
+    (up to ``step``), without its lines past ``step`` (those steps are logged again)."""
+    counts = dict(downloaded=0, dropped_lines=0, damaged_lines=0)
+    path = os.path.join(output, METRICS)
+    local = b""
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            local = f.read()
+    best, dropped, damaged = _lines_upto(local, step)
+    source = path
+    if store:
+        url = storage.join(store, METRICS)
+        if storage.exists(url):
+            remote, r_dropped, r_damaged = _lines_upto(storage.read_bytes(url), step)
+            if _last_step(remote) > _last_step(best):
+                best, dropped, damaged, source = remote, r_dropped, r_damaged, url
+                counts["downloaded"] += 1
+        for folder in HISTORY_DIRS:
+            for rel in _stored(store, folder):
+                if not os.path.exists(os.path.join(output, rel)):
+                    copy(storage.join(store, rel), os.path.join(output, rel))
+                    counts["downloaded"] += 1
+    counts.update(dropped_lines=dropped, damaged_lines=damaged)
+    if best != local:
+        storage.write_bytes(path, best)
+        replaced = f", replacing a local copy that reached step {_last_step(local)}" if local and source != path else ""
+        print(f"crossmae-pretrain: {path}: history to step {step} from {source}{replaced}; dropped {dropped} "
+              f"line(s) past step {step} and {damaged} unreadable line(s)", file=sys.stderr)
+    return counts

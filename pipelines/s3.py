@@ -4,7 +4,10 @@ Retries, two layers, each bounded:
 - every HTTP request (GET/PUT/HEAD/LIST and each multipart part): botocore "standard" mode,
   REQUEST_ATTEMPTS attempts, on throttling (SlowDown, 429), 500/502/503/504, RequestTimeout,
   connection errors and timeouts; truncated exponential backoff with full jitter,
-  rand(0,1) * min(base * 2**i, 20 s), base 1 s for throttling and 50 ms otherwise.
+  rand(0,1) * min(base * 2**i, 20 s), base 1 s for throttling and 50 ms otherwise. Each attempt
+  is bounded by CONNECT_TIMEOUT / READ_TIMEOUT (10 s / 30 s), and no retry starts after
+  RETRY_BUDGET_S (120 s) from the request's start: a hung store holds one request < 180 s
+  (120 s + one attempt of 10 + 30 s + one backoff of <= 20 s).
 - a body that breaks mid-stream (reset, timeout, short read) is past botocore's reach: the
   reader re-GETs with Range from the byte where it stopped and If-Match on the first ETag (so
   it never splices two versions), up to RESUME_ATTEMPTS times without progress, with our own
@@ -40,6 +43,15 @@ READ_GRAIN = MB
 # restarts at most this far back. Reading a 128 MiB object from local SeaweedFS
 # (2-core box): 64 KiB 405 MB/s, 256 KiB 457, 1 MiB 471, 4 MiB 499, 16 MiB 427: 1 MiB costs ~nothing.
 REQUEST_ATTEMPTS = int(os.environ.get("CROSSMAE_S3_ATTEMPTS", "8"))  # per request, incl. the first
+# Per attempt: a connect that takes 10 s, or 30 s without a byte of the answer, is a hung store
+# (a frozen server still completes TCP handshakes from the kernel's backlog, so only the read
+# timeout notices it). 60 s x 8 attempts kept one request waiting 422 s (issue 13.6); a healthy
+# store answers a 16 MiB part PUT in well under a second (local SeaweedFS).
+CONNECT_TIMEOUT = float(os.environ.get("CROSSMAE_S3_CONNECT_TIMEOUT", "10"))
+READ_TIMEOUT = float(os.environ.get("CROSSMAE_S3_READ_TIMEOUT", "30"))
+# Per request, all attempts together: no retry starts after this many seconds, so one request
+# ends within RETRY_BUDGET_S + one attempt (connect + read timeout) + one backoff (<= 20 s).
+RETRY_BUDGET_S = float(os.environ.get("CROSSMAE_S3_RETRY_BUDGET_S", "120"))
 RESUME_ATTEMPTS = int(os.environ.get("CROSSMAE_S3_RESUME_ATTEMPTS", "8"))  # per stall of a read
 BACKOFF_BASE, BACKOFF_CAP = 0.1, 10.0  # seconds, for resumes
 
@@ -80,7 +92,7 @@ def client(endpoint: str | None = None):
     endpoint = endpoint or endpoint_url()
     if getattr(_local, "pid", None) != os.getpid():
         _local.pid, _local.clients = os.getpid(), {}
-    key = (endpoint, _env_key())
+    key = (endpoint, _env_key(), REQUEST_ATTEMPTS, CONNECT_TIMEOUT, READ_TIMEOUT, RETRY_BUDGET_S)
     c = _local.clients.get(key)
     if c is None:
         # Standard credential chain (env, ~/.aws, SSO, instance role). botocore >= 1.36 also
@@ -90,9 +102,26 @@ def client(endpoint: str | None = None):
         style = os.environ.get("CROSSMAE_S3_ADDRESSING") or ("path" if endpoint else "auto")
         cfg = Config(region_name=session.region_name or "us-east-1", s3={"addressing_style": style},
                      retries={"mode": "standard", "total_max_attempts": REQUEST_ATTEMPTS},
-                     connect_timeout=10, read_timeout=60, max_pool_connections=MAX_CONCURRENCY + 2)
+                     connect_timeout=CONNECT_TIMEOUT, read_timeout=READ_TIMEOUT,
+                     max_pool_connections=MAX_CONCURRENCY + 2)
         c = _local.clients[key] = session.client("s3", endpoint_url=endpoint, config=cfg)
+        _bound_retry_time(c, RETRY_BUDGET_S)
     return c
+
+
+def _bound_retry_time(c, budget_s: float) -> None:
+    """No retry after ``budget_s`` seconds since the request started. botocore has no such
+    setting: a handler registered first on needs-retry answers False (= do not retry) once the
+    deadline has passed; endpoint._needs_retry takes the first answer that is not None."""
+    def start(context, **_):
+        context["crossmae_retry_deadline"] = time.monotonic() + budget_s
+
+    def stop_after_deadline(request_dict, **_):
+        deadline = request_dict.get("context", {}).get("crossmae_retry_deadline")
+        return False if deadline is not None and time.monotonic() >= deadline else None
+
+    c.meta.events.register_first("before-call.s3", start, unique_id="crossmae-retry-deadline-start")
+    c.meta.events.register_first("needs-retry.s3", stop_after_deadline, unique_id="crossmae-retry-deadline")
 
 
 def _redact(text: str) -> str:

@@ -17,12 +17,15 @@ a seeded RNG with the per-kind rates (their sum <= 1), until `max_faults` were i
     delay      the request is held `delay_s` seconds, then served normally
     truncate   a random prefix of the body, then a clean close: Content-Length says more than
                was sent (responses without a body are served normally and nothing is counted)
+    hang       a frozen server: the request is read, never answered, and the connection held
+               until the client gives up (or `hang_s` seconds); it never reaches the server
 
-Bounded: every socket times out after 30 s, delays are at most 5 s, faults stop after
+Bounded: every socket times out after 30 s, delays are at most 5 s, hangs at most 30 s, faults stop after
 `max_faults` or `window_s` seconds, and the listener only binds 127.0.0.1.
 """
 from __future__ import annotations
 
+import contextlib
 import random
 import socket
 import struct
@@ -33,7 +36,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-KINDS = ("reset", "slowdown", "internal", "delay", "truncate")
+KINDS = ("reset", "slowdown", "internal", "delay", "truncate", "hang")
 TIMEOUT = 30.0
 ERRORS = {"slowdown": (503, "Slow Down", "SlowDown", "Please reduce your request rate."),
           "internal": (500, "Internal Server Error", "InternalError",
@@ -47,7 +50,9 @@ class Faults:
     internal: float = 0.0
     delay: float = 0.0
     truncate: float = 0.0
+    hang: float = 0.0
     delay_s: float = 0.2
+    hang_s: float = TIMEOUT
     seed: int = 0
     max_faults: int = 50
     window_s: float | None = None  # no faults after this many seconds from the proxy's start
@@ -59,6 +64,8 @@ class Faults:
             raise ValueError(f"fault rates must be >= 0 and sum to <= 1: {dict(zip(KINDS, rates))}")
         if not 0 <= self.delay_s <= 5:
             raise ValueError("delay_s must be within [0, 5] s")
+        if not 0 <= self.hang_s <= TIMEOUT:
+            raise ValueError(f"hang_s must be within [0, {TIMEOUT:g}] s")
 
 
 @dataclass(frozen=True)
@@ -243,6 +250,12 @@ class FaultProxy:
             if fault in ERRORS:
                 self._record(method, path, fault)
                 return self._send_error(client, method, path, *ERRORS[fault])
+            if fault == "hang":
+                self._record(method, path, fault)
+                client.settimeout(self.faults.hang_s)
+                with contextlib.suppress(OSError):  # b"" when the client closes, timeout after hang_s
+                    client.recv(1)
+                return client.close()
             if fault == "delay":
                 time.sleep(self.faults.delay_s)
             upstream = socket.create_connection(self.upstream, timeout=TIMEOUT)

@@ -25,7 +25,7 @@ from tests.data_prep.fixtures import make_image_folder
 
 MB = 1 << 20
 NAMES = {"reset": "reset", "truncate": "truncated body", "internal": "500 InternalError", "slowdown": "503 SlowDown",
-         "delay": "delay"}
+         "delay": "delay", "hang": "hang (never answered)"}
 # A mix seen on flaky links, per request; SlowDown is rarer: botocore backs off 1 s (base) for it.
 MIX = dict(reset=0.08, truncate=0.08, internal=0.06, slowdown=0.02, delay=0.04, delay_s=0.1)
 
@@ -202,6 +202,59 @@ def test_publish_that_cannot_write_latest_leaves_the_previous_pointer(tmp_path, 
     report(record_property, "publish: 500 InternalError on every PUT of the latest pointer", proxy.total_faults,
            "latest after the failure (COMPLETE of the new tag is already written)",
            f"StorageError after {s3.REQUEST_ATTEMPTS} attempts; latest still names the previous complete tag")
+
+
+def test_a_request_to_a_hung_store_ends_within_its_time_budget(s3_bucket, faulty_s3_env, monkeypatch,
+                                                                 record_property):
+    """Every PUT held unanswered (a frozen server): the write fails within the retry budget."""
+    monkeypatch.setattr(s3, "READ_TIMEOUT", 0.5)  # production: 30 s per attempt, 120 s budget
+    monkeypatch.setattr(s3, "RETRY_BUDGET_S", 1.5)
+    proxy = faulty_s3_env(hang=1.0, only=lambda r: r.method == "PUT", max_faults=100)
+    t0 = time.monotonic()
+    with pytest.raises(storage.StorageError, match="ReadTimeout") as err:
+        storage.write_bytes(f"s3://{s3_bucket}/hung", b"x")
+    seconds = time.monotonic() - t0
+    attempts = proxy.attempts("PUT", "/hung")
+    # budget + one attempt + one backoff (50 ms base, full jitter) + slack for a loaded box
+    assert seconds < 1.5 + 0.5 + 1.0, seconds
+    assert 2 <= attempts < s3.REQUEST_ATTEMPTS, attempts
+    report(record_property, "one PUT: never answered (hung store), read timeout 0.5 s, budget 1.5 s", attempts,
+           "time until the error, attempts made", f"StorageError after {seconds:.1f} s and {attempts} attempts "
+           f"(not {s3.REQUEST_ATTEMPTS}): '{str(err.value)[:70]}...'")
+
+
+def test_checkpoint_saves_go_on_while_the_store_hangs(tmp_path, s3_env, s3_bucket, faulty_s3_env, monkeypatch,
+                                                       capfd, record_property):
+    """Store hung for 3 saves: each save returns after run.upload_wait_s; then the mirror catches up."""
+    import threading
+
+    from pipelines.checkpointer import Checkpointer
+    from pipelines.train_config import RunSection
+    from tests.pipelines.test_checkpointer import FilesEngine
+
+    monkeypatch.setattr(s3, "READ_TIMEOUT", 1.0)
+    hung = threading.Event()
+    hung.set()
+    proxy = faulty_s3_env(hang=1.0, only=lambda r: hung.is_set(), max_faults=1000)
+    run = RunSection(output=str(tmp_path / "out"), store=f"s3://{s3_bucket}/run", keep_last=2)
+    run.upload_wait_s = 1.0
+    cp, seconds = Checkpointer(run, rank=0, world=1), []
+    for step in (1, 2, 3):
+        t0 = time.monotonic()
+        cp.save(FilesEngine(), step, {})
+        seconds.append(time.monotonic() - t0)
+    hung.clear()  # the store answers again
+    cp.close(wait_s=60)
+    err = capfd.readouterr().err
+    assert max(seconds) < 1.0 + 3, seconds
+    assert err.count("gave up waiting after 1 s") == 2, err
+    assert latest_direct(s3_env, s3_bucket) == {"tag": "step00000003", "step": 3}
+    assert cp.mirror.not_mirrored == ["step00000002"] and cp.failures == 1, "replaced while waiting: counted"
+    assert proxy.injected["hang"] >= 2
+    report(record_property, "checkpoint saves (Checkpointer) while every request hangs, then the store is back",
+           proxy.total_faults, "time per save, stderr, latest after the store is back, failures",
+           f"saves took {max(seconds):.1f} s at most (bound 1 s + save), said on stderr; the newest "
+           "checkpoint was published once the store answered; the one replaced while waiting is counted")
 
 
 # ---------------------------------------------------------------------------------- export
