@@ -43,7 +43,7 @@ from .wds_loader import LoaderCounters, StreamingLoader
 
 @dataclass
 class LoaderConfig:
-    manifest: str  # DST/{split}/manifest.json written by crossmae-prep (wds or ffcv)
+    manifest: str  # DST/{split}/manifest.json written by crossmae-prep (wds or ffcv), or a brace pattern of tars
     batch_size: int = 256  # per rank
     num_workers: int = 8
     seed: int = 0
@@ -54,7 +54,9 @@ class LoaderConfig:
     shard_cache_dir: str | None = None  # WebDataset: keep remote shards locally for later epochs
     shard_cache_bytes: int = 0  # its size limit (least recently used shards evicted); 0 = off
     resize: str = "cpu"  # training on WebDataset: "device" leaves the resize to resize_on_device
+    decode: str = "cpu"  # training on WebDataset: "gpu" ships JPEG bytes + crop boxes, the device decodes
     pin_memory: bool = False  # GPU trainers: batches in page-locked memory for non_blocking copies
+    prefetch_factor: int = 2  # WebDataset: batches each worker keeps ready
 
 
 class EvalTransform:
@@ -192,21 +194,32 @@ def _ffcv_loader(path: str, batch_size: int, num_workers: int, train: bool, imag
                                               "label": [IntDecoder(), ToTensor(), Squeeze()]})
 
 
-def build_loader(cfg: LoaderConfig, train: bool = True, rank: int = 0, world_size: int = 1):
-    """A loader for the format the manifest names: ``webdataset`` (streaming, exact resume) or
-    ``ffcv`` (staged locally)."""
-    manifest = json.loads(storage.read_bytes(cfg.manifest))
-    fmt = manifest.get("format")
+def build_loader(cfg: LoaderConfig, train: bool = True, rank: int = 0, world_size: int = 1, transform=None):
+    """A loader for the format the manifest names: ``webdataset`` (streaming, exact resume; also a
+    brace pattern of tars) or ``ffcv`` (staged locally). ``transform``: a per-sample training
+    transform other than MAETrainTransform(image_size, resize, decode) (WebDataset only)."""
+    fmt = "webdataset"
+    if cfg.manifest.endswith(".json"):
+        try:
+            manifest = json.loads(storage.read_bytes(cfg.manifest))
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise ValueError(f"{cfg.manifest}: not JSON ({e})") from None
+        fmt = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
     if fmt == "webdataset":
-        transform = MAETrainTransform(cfg.image_size, resize=cfg.resize) if train else EvalTransform(cfg.image_size)
+        if not train:
+            transform = EvalTransform(cfg.image_size)
+        elif transform is None:
+            resize = "device" if cfg.decode == "gpu" else cfg.resize
+            transform = MAETrainTransform(cfg.image_size, resize=resize, decode=cfg.decode)
         return StreamingLoader.from_manifest(
             cfg.manifest, batch_size=cfg.batch_size, transform=transform, rank=rank, world_size=world_size,
             num_workers=cfg.num_workers, seed=cfg.seed, block_size=cfg.block_size,
-            drop_last=cfg.drop_last if train else False, cache_dir=cfg.shard_cache_dir,
-            cache_bytes=cfg.shard_cache_bytes, pin_memory=cfg.pin_memory)
+            drop_last=cfg.drop_last if train else False, prefetch_factor=cfg.prefetch_factor,
+            cache_dir=cfg.shard_cache_dir, cache_bytes=cfg.shard_cache_bytes, pin_memory=cfg.pin_memory)
     if fmt == "ffcv":
-        if cfg.resize != "cpu" and train:
-            raise ValueError("resize='device' needs the WebDataset format (FFCV's decoder resizes on the CPU)")
+        if train and (cfg.resize != "cpu" or cfg.decode != "cpu" or transform is not None):
+            raise ValueError("resize='device', decode='gpu' and other transforms need the WebDataset format "
+                             "(FFCV decodes, crops and resizes in its own CPU pipeline)")
         shard = manifest["shards"][0]
         url = storage.join(cfg.manifest.rsplit("/", 1)[0], shard["name"])
         return _FFCVLoader(stage_local(url, shard["sha256"], cfg.cache_dir), cfg, train, rank, world_size)

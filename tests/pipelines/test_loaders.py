@@ -37,9 +37,10 @@ def local(src, tmp_path_factory):
 def cfg_for(local, fmt, tmp_path, **kw):
     if fmt not in local:
         pytest.skip("ffcv is not installed")
-    args = dict(batch_size=8, num_workers=1, image_size=32, seed=3, cache_dir=str(tmp_path / "cache"))
+    args = dict(manifest=local[fmt], batch_size=8, num_workers=1, image_size=32, seed=3,
+                cache_dir=str(tmp_path / "cache"))
     args.update(kw)
-    return LoaderConfig(manifest=local[fmt], **args)
+    return LoaderConfig(**args)
 
 
 @pytest.mark.parametrize("fmt", ["wds", "ffcv"])
@@ -188,3 +189,26 @@ def test_the_factory_gives_the_trainer_one_interface_for_both_formats(local, tmp
     resumed.close()
     with pytest.raises(EmptyEpochError, match="40 samples over 2 rank"):
         build_loader(cfg_for(local, fmt, tmp_path, batch_size=21), train=True, rank=0, world_size=2)
+
+
+def test_the_factory_takes_the_trainers_transform_options_and_shard_patterns(local, tmp_path):
+    import glob
+
+    from pipelines.transforms import MAETrainTransform
+
+    base = os.path.dirname(local["wds"])
+    n = len(glob.glob(os.path.join(base, "*.tar")))
+    pattern = os.path.join(base, f"train-{{000000..{n - 1:06d}}}.tar")
+    by_manifest = next(iter(build_loader(cfg_for(local, "wds", tmp_path, num_workers=0))))
+    by_pattern = build_loader(cfg_for(local, "wds", tmp_path, num_workers=0, manifest=pattern))
+    assert by_pattern.num_samples == 40 and next(iter(by_pattern))["key"] == by_manifest["key"]
+    gpu = next(iter(build_loader(cfg_for(local, "wds", tmp_path, num_workers=0, decode="gpu"))))
+    assert "image" not in gpu and gpu["jpeg"].dtype == torch.uint8 and gpu["jpeg_box"].shape == (8, 4)
+    own = build_loader(cfg_for(local, "wds", tmp_path, num_workers=0), transform=MAETrainTransform(16))
+    assert next(iter(own))["image"].shape == (8, 3, 16, 16)
+    with pytest.raises(ValueError, match="not JSON"):
+        (tmp_path / "bad.json").write_text("{")
+        build_loader(cfg_for(local, "wds", tmp_path, manifest=str(tmp_path / "bad.json")))
+    if "ffcv" in local:
+        with pytest.raises(ValueError, match="WebDataset"):
+            build_loader(cfg_for(local, "ffcv", tmp_path, decode="gpu"))
