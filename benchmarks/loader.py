@@ -7,7 +7,8 @@ torchvision v2 RRC), both on in-memory bytes; (f) decode only; (b) this loader
 (pipelines.wds_loader, num_workers=0: the loop runs in this process) from local shards written
 by crossmae-prep; (c) the same from a SeaweedFS S3 server on loopback; (d) FFCV on a .beton of
 the same images; (b') as (b) with resize="device" (CPU side only: batches of crops, the resize
-runs on the trainer's device). Targets: (b) >= 1.7x (e) and >= 1.0x (d); (c) >= 0.9x (b).
+runs on the trainer's device); (b'') as (b) with decode="gpu" (CPU side only: tar members, JPEG
+headers, crop boxes, packed bytes; decode + resize run on the trainer's device). Targets: (b) >= 1.7x (e) and >= 1.0x (d); (c) >= 0.9x (b).
 """
 from __future__ import annotations
 
@@ -34,8 +35,9 @@ from pipelines.wds_loader import StreamingLoader  # noqa: E402
 torch.set_num_threads(1)
 
 
-def loader_runner(manifest: str, n: int, resize: str = "cpu"):
-    ld = StreamingLoader.from_manifest(manifest, batch_size=64, transform=MAETrainTransform(224, resize=resize),
+def loader_runner(manifest: str, n: int, resize: str = "cpu", decode: str = "cpu"):
+    transform = MAETrainTransform(224, resize=resize, decode=decode)
+    ld = StreamingLoader.from_manifest(manifest, batch_size=64, transform=transform,
                                        num_workers=0, drop_last=False)
 
     def run():
@@ -62,6 +64,7 @@ def main():
         local = str(work / "wds/train/manifest.json")
         runs["(b) this loader, local shards"] = loader_runner(local, len(jpegs))
         runs["(b') this loader, local, resize on device"] = loader_runner(local, len(jpegs), "device")
+        runs["(b'') this loader, local, decode on device"] = loader_runner(local, len(jpegs), "device", "gpu")
         from tests.s3_server import seaweedfs_server
 
         with seaweedfs_server() as srv:
@@ -82,6 +85,8 @@ def main():
         print(f"| {k} | {v:,.0f} | {v / dec:.2f}x | {v / common:.2f}x |")
     print(f"\n(b) vs (e): {b / common:.2f}x (target >= 1.7x); (c) vs (b): "
           f"{rate['(c) this loader, S3 loopback'] / b:.2f}x (target >= 0.9x)")
+    gpu = rate["(b'') this loader, local, decode on device"]
+    print(f"(b'') decode on device, whole loader on one core: {1e6 / gpu:.0f} us/img CPU ({gpu / b:.1f}x (b))")
     if "(d) FFCV RRC decoder (.beton)" in rate:
         print(f"(b) vs (d) FFCV: {b / rate['(d) FFCV RRC decoder (.beton)']:.2f}x (target >= 1.0x)")
     if args.json:

@@ -10,6 +10,8 @@ side by side in one run (rounds alternate between pipelines; best round per pipe
 (h) CPU side of resize="device": decode (DCT-scaled where the crop allows) + crop, packed per
     64 with pack_crops; the resize runs later on the device (resize_on_device, not timed here;
     its CPU cost with method="matmul" is printed once for reference)
+(i) worker side of decode="gpu": JPEG header + crop box + flip, bytes packed per 64 (the device
+    decodes, crops and resizes later: benchmarks/loader_gpu.py). Target <= 60 us/img.
 (d) FFCV RandomResizedCropRGBImageDecoder + flip on a .beton of the same images (if ffcv
     imports): Loader(num_workers=1, batch 64, SEQUENTIAL); epoch 0 (numba compile) not timed.
 Bytes are in memory for (a)-(g): no tar iteration or file reads are timed.
@@ -90,9 +92,16 @@ def pipelines(jpegs):
         for s in range(0, len(jpegs), 64):
             pack_crops([to_device(d, s + i) for i, d in enumerate(jpegs[s:s + 64])])
 
+    on_device = MAETrainTransform(SIZE, decode="gpu")
+
+    def run_gpu_decode_side():
+        for s in range(0, len(jpegs), 64):
+            pack_crops([on_device(d, s + i) for i, d in enumerate(jpegs[s:s + 64])])
+
     return {"(a) reference: PIL + torchvision RRC": run_ref, "(e) common: wds decode('pil') + v2 RRC": run_common,
             "(f) decode only (simplejpeg)": run_decode, "(g) fast path (mae_train)": run_fast,
-            "(h) decode + crop for resize on device": run_device_side}
+            "(h) decode + crop for resize on device": run_device_side,
+            "(i) header + box for decode on device": run_gpu_decode_side}
 
 
 def device_batch_stats(jpegs) -> dict:
@@ -192,6 +201,9 @@ def main():
           f"shipped per image: {dev['crop_bytes'] / 1024:.0f} KiB of crop (a padded canvas: "
           f"{dev['canvas_bytes'] / 1024:.0f} KiB) vs {dev['resized_bytes'] / 1024:.0f} KiB resized; "
           f"resize_on_device matmul on this CPU: {dev['cpu_matmul_ms_per_img']:.1f} ms/img (a GPU's job)")
+    i = rate["(i) header + box for decode on device"]
+    print(f"decode on device (i), worker side: {1e6 / i:.0f} us/img (target <= 60), {i / fast:.1f}x the fast path's "
+          f"images/s per core")
     if "(d) FFCV RRC decoder (.beton)" in rate:
         print(f"fast path vs FFCV (d): {fast / rate['(d) FFCV RRC decoder (.beton)']:.2f}x (target >= 1.0x)")
     if args.json:
