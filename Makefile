@@ -55,3 +55,18 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache
+
+# The GPU node check (benchmarks/gpu_check.py; README "Checking a GPU node"). Here, with network:
+# `make wheelhouse` puts the wheels a node may lack into wheelhouse/ (git-ignored, ~8 MiB: 11 wheels
+# for CPython 3.12 x86_64 at the versions of requirements/pins.txt). On the node, no venv, no network:
+# `make gpu-check OUT=/some/dir` (GPU_CHECK_SMOKE=1: the same stages, tiny, on CPUs).
+WHEELHOUSE ?= wheelhouse
+GPU_CHECK_ARGS ?=
+.PHONY: wheelhouse gpu-check
+
+wheelhouse: setup
+	$(PY) benchmarks/gpu_check.py wheelhouse $(WHEELHOUSE)
+
+gpu-check:
+	python3 benchmarks/gpu_check.py --wheelhouse $(WHEELHOUSE) $(if $(OUT),--out $(OUT)) \
+	  $(if $(filter-out 0,$(GPU_CHECK_SMOKE)),--cpu) $(GPU_CHECK_ARGS)

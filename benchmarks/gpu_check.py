@@ -37,6 +37,7 @@ from gpu_check_setup import install, make_images, make_wheelhouse  # noqa: E402
 STAGES = ("install", "images", "pretrain_1gpu", "pretrain_ngpu", "throughput", "loader_rate", "loader_rate_gpu_decode")
 NOT_SUPPORTED_RC = 3  # benchmarks/loader_rate.py: the checkout refuses the option -> "skipped"
 STEPS, BATCH = 80, 256
+OUT_PREFIXES = ("gpu_check.", "metrics_pretrain_", "gpu_throughput.", "loader_rate")  # what a check writes to OUT
 
 
 @dataclass
@@ -131,8 +132,8 @@ def run_stage(stage: Stage, env: dict, work: str, out: str, log) -> dict:
     if status == "ok" and stage.read:
         try:
             rec["result"] = stage.read()
-        except (OSError, ValueError, KeyError, IndexError) as e:  # ran, but left nothing readable
-            rec.update(status="failed", last_stderr=f"gpu_check: stage output unreadable: {e}")
+        except (OSError, ValueError, KeyError, IndexError) as e:  # exit 0, but not what the stage must leave
+            rec.update(status="failed", last_stderr=f"gpu_check: {stage.name}: {type(e).__name__}: {e}")
     return rec
 
 
@@ -143,15 +144,19 @@ def _json(path: str) -> Callable[[], dict]:
     return read
 
 
-def _metrics(path: str) -> Callable[[], dict]:
+def _metrics(path: str, steps: int) -> Callable[[], dict]:
+    """The trainer's metrics.jsonl: first and last loss, the last window's speed; the run must
+    have reached its last step."""
     def read():
         with open(path) as f:
             rows = [json.loads(ln) for ln in f if ln.strip()]
         last = rows[-1]
+        if last["step"] != steps:
+            raise ValueError(f"the trainer exited 0 at step {last['step']} of {steps}")
+        keys = ("images_per_s", "images_per_s_per_rank", "data_wait_share", "data_wait_share_max", "mfu",
+                "peak_memory_gb")
         return dict(steps=last["step"], first_loss=rows[0]["loss"], last_loss=last["loss"],
-                    loss_fell=last["loss"] < rows[0]["loss"], images_per_s=last["images_per_s"],
-                    images_per_s_per_rank=last["images_per_s_per_rank"], data_wait_share=last["data_wait_share"],
-                    mfu=last["mfu"], peak_memory_gb=last["peak_memory_gb"])
+                    loss_fell=last["loss"] < rows[0]["loss"], **{k: last.get(k) for k in keys})
     return read
 
 
@@ -159,8 +164,10 @@ def _throughput(path: str) -> Callable[[], dict]:
     def read():
         with open(path) as f:
             r = json.load(f)
-        return {f"{x['model']}/{x['source']}": dict(images_per_s=x["images_per_s"], step_ms=x["step_ms"], mfu=x["mfu"],
-                                                    data_wait_share=x["data_wait_share"]) for x in r["runs"]}
+        runs = {"/".join(str(x.get(k)) for k in ("path", "model", "source") if x.get(k)):
+                {k: x.get(k) for k in ("images_per_s", "step_ms", "mfu", "peak_memory_gb", "data_wait_share")}
+                for x in r["runs"]}
+        return dict(runs=runs, ratios=r.get("ratios", {}))
     return read
 
 
@@ -190,19 +197,21 @@ def plan(args, py: str, n_gpus: int, cpus: int, work: str, out: str) -> list[Sta
                 # the recipe's lr (blr x 256/256 x gamma/p = 5e-5 at batch 256) barely moves the loss in
                 # 80 steps; a short warm-up and a schedule that ends with the check
                 f"optim.lr={1e-3 if cpu else 5e-4}", f"optim.epochs={-(-steps // per_epoch)}",
-                f"optim.warmup_epochs={1 if per_epoch <= steps // 4 else 0}",
-                f"data.num_workers={1 if cpu else max(1, min(12, (cpus - 2) // world))}"]
-        sets += ([f"model.preset=crossmae_vit_micro_patch4_dec64d2b", "data.image_size=32", "deepspeed.micro_batch=16",
-                  "run.recon_every=0"] if cpu else [f"deepspeed.micro_batch={BATCH}", f"run.recon_every={steps}"])
+                f"optim.warmup_epochs={1 if per_epoch <= steps // 4 else 0}"]
+        # GPUs: data.num_workers and model.compile stay the trainer's defaults (from the cores; on for CUDA)
+        sets += (["model.preset=crossmae_vit_micro_patch4_dec64d2b", "data.image_size=32", "deepspeed.micro_batch=16",
+                  "run.recon_every=0", "data.num_workers=1"] if cpu else
+                 [f"deepspeed.micro_batch={BATCH}", f"run.recon_every={steps}"])
         stages.append(Stage(name, [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
                                    "-m", "pipelines.pretrain", "--config", "deploy/configs/crossmae_vit_base_in1k.yaml",
                                    "--resume", "none", *sets], 120 if cpu else 240,
                             outputs={f"metrics_{name}.jsonl": os.path.join(run, "metrics.jsonl")},
-                            read=_metrics(os.path.join(run, "metrics.jsonl"))))
+                            read=_metrics(os.path.join(run, "metrics.jsonl"), steps)))
     tp = os.path.join(out, "gpu_throughput.json")
-    stages.append(Stage("throughput", [py, "benchmarks/gpu_throughput.py", "--manifest", manifest, "--json", tp] + (
-        ["--smoke"] if cpu else ["--batch", str(BATCH), "--steps", "20", "--warmup", "3",
-                                 "--workers", str(max(1, min(14, cpus - 2)))]), 120 if cpu else 240,
+    # synthetic batches only: the loader's share is loader_rate's and the trainer's data wait; each
+    # model compiles once (~1 min on an H200), so the loader source would double the stage
+    stages.append(Stage("throughput", [py, "benchmarks/gpu_throughput.py", "--json", tp] + (
+        ["--smoke"] if cpu else ["--batch", str(BATCH), "--steps", "20", "--warmup", "3"]), 120 if cpu else 240,
         read=_throughput(tp)))
     for name, extra in (("loader_rate", []), ("loader_rate_gpu_decode", ["--resize", "device", "data.decode=gpu"])):
         js = os.path.join(out, f"{name}.json")
@@ -223,13 +232,21 @@ def _probe(py: str, env: dict) -> dict:
         return dict(torch=None, gpus=[], error="importing torch took over 120 s")
     if r.returncode:
         return dict(torch=None, gpus=[], error=(r.stderr.strip().splitlines() or ["?"])[-1])
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    if shutil.which("nvidia-smi"):  # driver and memory, which torch does not say
+        q = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=60)
+        info["nvidia_smi"] = q.stdout.strip().splitlines() if q.returncode == 0 else q.stderr.strip()[-300:]
+    return info
 
 
 def check(args) -> int:
     t_start = time.monotonic()
     out, work = os.path.abspath(args.out), os.path.abspath(args.work)
     os.makedirs(out, exist_ok=True)
+    for name in os.listdir(out):  # OUT holds this run's results only (other files there are left alone)
+        if name.startswith(OUT_PREFIXES):
+            os.remove(os.path.join(out, name))
     os.makedirs(work, exist_ok=True)
     py, cpus = sys.executable, len(os.sched_getaffinity(0))
     env = dict(os.environ, PYTHONUNBUFFERED="1",

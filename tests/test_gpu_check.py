@@ -60,17 +60,25 @@ def test_summary_names_every_stage_with_rc_and_seconds(tmp_path):
 
 def test_failed_and_overtime_stages_are_recorded_and_the_rest_run(tmp_path):
     proc, summary, out = gpu_check(tmp_path, "--stages", "install,images,pretrain_1gpu", "--inject", "install:--bogus",
-                                   "--stage-timeout", "pretrain_1gpu=15")
+                                   "--stage-timeout", "pretrain_1gpu=10")
     assert proc.returncode == 1 and "FAILED" in proc.stderr
     stages = summary["stages"]
     assert stages["install"]["status"] == "failed" and stages["install"]["rc"] == 2
     assert "unrecognized arguments: --bogus" in stages["install"]["last_stderr"]
     assert stages["images"]["status"] == "ok"  # ran after the failure
     pretrain = stages["pretrain_1gpu"]
-    assert pretrain["status"] == "timeout" and pretrain["rc"] == 124 and 15 <= pretrain["seconds"] < 45, pretrain
+    assert pretrain["status"] == "timeout" and pretrain["rc"] == 124 and 10 <= pretrain["seconds"] < 40, pretrain
     assert summary["ok"] is False
     assert not processes_mentioning(str(tmp_path)), "a stage outlived its time box"
     assert "===== pretrain_1gpu stderr" in (out / "gpu_check.log").read_text()
+
+
+def test_unknown_stage_is_refused_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--cpu", "--out", str(tmp_path), "--stages",
+                           "images,imgaes"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"gpu_check: error: unknown stage imgaes (stages: {', '.join(STAGES)})"]
+    assert not list(tmp_path.iterdir())
 
 
 def _wheel(folder: pathlib.Path, dist: str, version: str, module: str) -> None:
