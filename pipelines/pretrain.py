@@ -34,7 +34,7 @@ from crossmae.flops import flops_per_image
 from . import config as config_loader
 from . import distributed, storage
 from .checkpointer import Checkpointer, complete_tags, local_rank
-from .observe import Observer, RunMetrics, code_version
+from .observe import DataLossError, Observer, RunMetrics, code_version
 from .optim import lr_at, set_lr
 from .run_checks import check_resume_config, describe_schedule_change, short_run_warning
 from .train_config import PretrainConfig, deepspeed_config, default_num_workers, resolve_precision
@@ -110,7 +110,8 @@ def build_loader(cfg: PretrainConfig, rank: int, world: int, on_gpu: bool):
                 raise config_loader.ConfigError("data.decode=gpu / data.resize=device need WebDataset shards "
                                                 "(FFCV decodes and resizes in its own CPU pipeline)")
             return factory(LoaderConfig(cfg.data.train, batch_size=cfg.deepspeed.micro_batch, num_workers=workers,
-                                        seed=cfg.run.seed, image_size=cfg.data.image_size, block_size=cfg.data.block_size),
+                                        seed=cfg.run.seed, image_size=cfg.data.image_size, block_size=cfg.data.block_size,
+                                        cache_dir=os.path.join(cfg.run.output, "ffcv-cache"), pin_memory=on_gpu),
                            train=True, rank=rank, world_size=world)
         return StreamingLoader.from_manifest(
             cfg.data.train, batch_size=cfg.deepspeed.micro_batch, transform=train_transform(cfg), rank=rank,
@@ -268,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"crossmae-pretrain: error: {e}; last checkpoint: {(complete_tags(cfg.run.output) or ['none'])[-1]}",
               file=sys.stderr)
         return 3
-    except (config_loader.ConfigError, storage.StorageError, FileNotFoundError, ValueError) as e:  # data / store / config
+    except (config_loader.ConfigError, storage.StorageError, FileNotFoundError, ValueError, DataLossError) as e:
         print(f"crossmae-pretrain: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - a bug or a device failure: the traceback, then the error as the last line

@@ -73,3 +73,43 @@ def test_short_run_note_and_end_of_run_summary(manifest, tmp_path):
     assert str(out / "checkpoints" / "step00000002") in done[0]
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["data"]["decode"] == "cpu" and json.loads((out / "deepspeed.json").read_text())["derived"]["warmup_steps"] == 32
+
+
+def test_pretraining_on_ffcv_data_trains_and_resumes(tmp_path):
+    """data.train may be an FFCV manifest (crossmae-prep --format ffcv): staged locally, trained
+    on, and resumed from its checkpoint at the same rows."""
+    pytest.importorskip("ffcv", reason="FFCV is an optional extra (make setup installs it)")
+    from data_prep.cli import main as prep
+    from tests.data_prep.fixtures import make_image_folder
+
+    make_image_folder(tmp_path / "src", ("a", "b"), per_class=24)
+    assert prep(["folder", str(tmp_path / "src"), str(tmp_path / "ffcv"), "--format", "ffcv",
+                 "--ffcv-max-resolution", "48"]) == 0
+    manifest = str(tmp_path / "ffcv/train/manifest.json")
+    out = tmp_path / "run"
+    launch(manifest, out, "run.max_steps=2", "run.save_every=2", "data.num_workers=1", launcher="plain")
+    proc = launch(manifest, out, "run.max_steps=4", "run.save_every=2", "data.num_workers=1", launcher="plain")
+    assert "resumed from step00000002 at step 2" in proc.stderr
+    assert [r["step"] for r in records(out)] == [1, 2, 3, 4] and all(r["loss"] > 0 for r in records(out))
+
+
+def test_damaged_shards_are_said_counted_and_bounded(manifest, tmp_path):
+    """A truncated shard: one warning line per damaged shard, the end summary counts the
+    replaced samples, and above data.max_skipped_fraction the run stops with one line."""
+    import pathlib
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(pathlib.Path(manifest).parent, data)
+    tar = sorted(data.glob("*.tar"))[0]
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 3])  # most of its 16 samples gone
+    damaged = str(data / "manifest.json")
+    ok = launch(damaged, tmp_path / "lenient", "run.max_steps=16", "run.save_every=16", "data.max_skipped_fraction=0.5",
+                launcher="plain")
+    warnings = [ln for ln in ok.stderr.splitlines() if tar.name in ln]
+    assert len(warnings) == 1, ok.stderr[-3000:]
+    done = [ln for ln in ok.stderr.splitlines() if ln.startswith("crossmae-pretrain: done:")][0]
+    assert "samples damaged and replaced" in done
+    strict = launch(damaged, tmp_path / "strict", "run.max_steps=16", "run.save_every=16", launcher="plain", expect=2)
+    last = strict.stderr.strip().splitlines()[-1]
+    assert last.startswith("crossmae-pretrain: error: ") and "data.max_skipped_fraction=0.01" in last
