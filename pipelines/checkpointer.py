@@ -191,6 +191,7 @@ class Checkpointer:
         self.upload_wait_s = float(getattr(run, "upload_wait_s", UPLOAD_WAIT_S))
         self.close_wait_s = float(getattr(run, "close_wait_s", CLOSE_WAIT_S))
         self.resumed_step: int | None = None
+        self.closed = False
 
     @property
     def failures(self) -> int:
@@ -219,9 +220,9 @@ class Checkpointer:
         """Rank 0, at resume, before metrics.jsonl is opened: fetch metrics.jsonl, TensorBoard
         events and recon PNGs from the store where the output lacks them, and drop metrics
         lines past the resumed step (they are logged again)."""
-        step = self.resumed_step if step is None else step
-        if self.rank != 0 or step is None:
+        if self.rank != 0 or self.resumed_step is None:  # a fresh start (or --resume none) appends as before
             return None
+        step = self.resumed_step if step is None else step
         store = None if not self.run.store or _same_place(self.run.output, self.run.store) else self.run.store
         return ckpt.restore_history(self.run.output, store, step)
 
@@ -262,6 +263,9 @@ class Checkpointer:
     def close(self, wait_s: float | None = None) -> None:
         """Give the last uploads ``wait_s`` (default ``run.close_wait_s``), then say in one line
         what did not reach the store; those count in ``failures``."""
+        if self.closed:  # the trainer closes at the end of the loop and again in its finally
+            return
+        self.closed = True
         m = self.mirror
         m.wait(self.close_wait_s if wait_s is None else wait_s, "end of run")
         m.not_mirrored += [t for t in m.pending() if t not in m.not_mirrored]  # said in the line below
