@@ -224,7 +224,12 @@ class Checkpointer:
             return None
         step = self.resumed_step if step is None else step
         store = None if not self.run.store or _same_place(self.run.output, self.run.store) else self.run.store
-        return ckpt.restore_history(self.run.output, store, step)
+        try:
+            return ckpt.restore_history(self.run.output, store, step)
+        except storage.StorageError as e:  # the history is not worth the run; the store's copy stays intact
+            say(f"run history not restored from {store}: {e}; training goes on, and the stored history is "
+                "kept (a local one that does not reach back as far never replaces it)")
+            return None
 
     def prepare(self, tag: str) -> "reshard.ResumePlan":
         """Check the checkpoint's files (before DeepSpeed unpickles them) and, when it was saved

@@ -133,11 +133,20 @@ def _complete_lines(data: bytes) -> bytes:
     return data[: data.rfind(b"\n") + 1]
 
 
-def _last_step(data: bytes) -> int:
-    for line in reversed(_complete_lines(data).splitlines()):
+def _step_of(lines) -> int:
+    """The step of the first readable line of ``lines`` (-1 when none is)."""
+    for line in lines:
         with contextlib.suppress(ValueError, TypeError, KeyError):
             return int(json.loads(line)["step"])
     return -1
+
+
+def _last_step(data: bytes) -> int:
+    return _step_of(reversed(_complete_lines(data).splitlines()))
+
+
+def _first_step(data: bytes) -> int:
+    return _step_of(_complete_lines(data).splitlines())
 
 
 def history_files(output: str) -> dict[str, int]:
@@ -161,8 +170,8 @@ def _stored(store: str, folder: str) -> dict[str, int]:
 def upload_history(output: str, store: str) -> list[str]:
     """Mirror metrics.jsonl, TensorBoard events and recon PNGs; returns what was uploaded.
     Append-safe: events files and PNGs go up when missing or grown; metrics.jsonl (complete
-    lines only) when its last step is past the stored one's, or equal with more bytes; a
-    local file that is behind the store's never replaces it."""
+    lines only) when it starts no later than the stored one and ends further along (or at the
+    same step with more bytes): a shorter local history never replaces the stored one."""
     sent = []
     local_metrics = os.path.join(output, METRICS)
     if os.path.exists(local_metrics):
@@ -171,11 +180,14 @@ def upload_history(output: str, store: str) -> list[str]:
         url = storage.join(store, METRICS)
         try:
             stored_size = storage.size(url)
-            stored_step = _last_step(storage.read_range(url, max(0, stored_size - 65536), None))
+            stored_first = _first_step(storage.read_range(url, 0, 65536))
+            stored_last = _last_step(storage.read_range(url, max(0, stored_size - 65536), None))
         except FileNotFoundError:
-            stored_size, stored_step = -1, -2
-        step = _last_step(data)
-        if step > stored_step or (step == stored_step and len(data) > stored_size):
+            stored_size, stored_first, stored_last = -1, float("inf"), -2
+        first, last = _first_step(data), _last_step(data)
+        # further along, and from as early on: a node whose history was not restored would
+        # otherwise replace the stored history with only its own later part
+        if first <= stored_first and (last > stored_last or (last == stored_last and len(data) > stored_size)):
             storage.write_bytes(url, data)
             sent.append(METRICS)
     remote = {}

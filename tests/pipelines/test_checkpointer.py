@@ -113,6 +113,8 @@ def test_a_shorter_local_metrics_file_never_replaces_the_stored_one(tmp_path, ca
     assert "metrics.jsonl" in ckpt.upload_history(str(tmp_path / "a"), store)
     log(tmp_path / "b", [10])
     assert "metrics.jsonl" not in ckpt.upload_history(str(tmp_path / "b"), store)
+    log(tmp_path / "c", [40, 50, 60, 70])  # further along, but without the start of the history
+    assert "metrics.jsonl" not in ckpt.upload_history(str(tmp_path / "c"), store)
     assert storage.read_bytes(os.path.join(store, "metrics.jsonl")).count(b"\n") == 3
     # a line being written right now (no newline yet) is left for the next mirror
     with open(tmp_path / "a" / "metrics.jsonl", "a") as f:
