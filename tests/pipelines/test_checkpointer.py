@@ -19,9 +19,12 @@ from pipelines.train_config import RunSection
 class FilesEngine:
     """What Checkpointer needs of a DeepSpeed engine: save_checkpoint writes a tag directory."""
 
+    def __init__(self, rank: int = 0):
+        self.rank = rank
+
     def save_checkpoint(self, root, tag, client_state):
         os.makedirs(os.path.join(root, tag))
-        with open(os.path.join(root, tag, "mp_rank_00_model_states.pt"), "wb") as f:
+        with open(os.path.join(root, tag, f"zero_pp_rank_{self.rank}_mp_rank_00_optim_states.pt"), "wb") as f:
             f.write(os.urandom(256 << 10))
         with open(os.path.join(root, tag, "client_state.json"), "w") as f:
             json.dump(client_state, f)
@@ -181,3 +184,29 @@ def test_close_reports_what_did_not_reach_the_store(tmp_path, s3_env, s3_bucket,
     assert seconds < 3 and cp.failures == 1 and err.count("checkpoint(s) not mirrored") == 1, err
     last = err.strip().splitlines()[-1]
     assert "1 checkpoint(s) not mirrored to " + store + ": step00000001; newest there from this run: none" in last
+
+
+def test_two_nodes_publish_the_newest_checkpoint_both_uploaded(tmp_path, monkeypatch, capfd):
+    """Two nodes (one rank each) share a store. Node 1 never uploads step 1: rank 0 stops waiting
+    for it when step 2 is saved, publishes step 2 once both nodes' receipts are there, counts
+    step 1 and removes its orphaned files from the store."""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    store = str(tmp_path / "store")
+    node0 = Checkpointer(run_section(tmp_path / "n0", store, upload_wait_s=0.5), rank=0, world=2)
+    node1 = Checkpointer(run_section(tmp_path / "n1", store, upload_wait_s=0.5), rank=1, world=2)
+    node0.save(FilesEngine(0), 1, {})  # node 1 is lost for this checkpoint
+    t0 = time.monotonic()
+    node0.save(FilesEngine(0), 2, {})
+    assert time.monotonic() - t0 < 0.5 + 2
+    assert ckpt.latest(store) is None, "nothing is published without node 1's receipt"
+    node1.save(FilesEngine(1), 2, {})
+    node1.close(wait_s=30)
+    node0.close(wait_s=30)
+    assert ckpt.latest(store) == {"tag": "step00000002", "step": 2}
+    prefix = os.path.join(store, "checkpoints") + "/"
+    assert [url[len(prefix):] for url, _ in storage.list_objects(prefix)] == [
+        "step00000002/COMPLETE", "step00000002/_nodes/0.json", "step00000002/_nodes/1.json",
+        "step00000002/client_state.json", "step00000002/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "step00000002/zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert node0.mirror.not_mirrored == ["step00000001"] and node1.failures == 0
+    assert "1 node(s) had not uploaded it when step00000002 was saved" in capfd.readouterr().err
