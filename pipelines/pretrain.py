@@ -23,7 +23,6 @@ import os
 import signal
 import socket
 import sys
-import time
 import traceback
 
 import torch
@@ -33,7 +32,7 @@ from crossmae.flops import flops_per_image
 
 from . import config as config_loader
 from . import distributed, storage
-from .checkpointer import Checkpointer, complete_tags, local_rank
+from .checkpointer import Checkpointer, complete_tags
 from .observe import DataLossError, Observer, RunMetrics, code_version
 from .optim import lr_at, set_lr
 from .run_checks import check_resume_config, describe_schedule_change, short_run_warning
@@ -203,7 +202,7 @@ def train(cfg: PretrainConfig, resume: str = "auto") -> dict:
 
 
 def _loop(cfg, engine, optimizer, loader, checkpointer, stop, derived, dtype, device, rank, world, step, samples):
-    """The training loop: one screen, top to bottom."""
+    """The run's components, then the loop."""
     batches = device_batches(_forever(loader), cfg.data.image_size, device, dtype, state_source=loader)
     obs = Observer(cfg.run.output, rank == 0, derived["max_steps"], step, cfg.run.tensorboard)
     metrics = RunMetrics(cfg, obs, batches, world, device,
@@ -211,6 +210,19 @@ def _loop(cfg, engine, optimizer, loader, checkpointer, stop, derived, dtype, de
     train_step = TrainStep(engine, cfg, device, dtype, rank, world, on_skip=metrics.skipped_step)
     keys_log = open(os.path.join(cfg.run.output, f"keys-rank{rank}.jsonl"), "a", buffering=1) if cfg.run.log_keys else None
     fixed = _fixed_batch(cfg, device)
+    try:
+        summary = _run_steps(cfg, engine, optimizer, checkpointer, stop, derived, batches, metrics, train_step,
+                             keys_log, fixed, world, step, samples)
+    finally:
+        batches.close()
+        if keys_log:
+            keys_log.close()
+    return dict(summary, rank=rank, world_size=world, upload_failures=checkpointer.failures)
+
+
+def _run_steps(cfg, engine, optimizer, checkpointer, stop, derived, batches, metrics, train_step, keys_log,
+               fixed, world, step, samples):
+    """The training loop: one screen, top to bottom."""
     stopped = False
     while step < derived["max_steps"]:
         lr = lr_at(samples, derived["lr"], derived["warmup_samples"], derived["total_samples"], cfg.optim.min_lr)
@@ -229,15 +241,11 @@ def _loop(cfg, engine, optimizer, loader, checkpointer, stop, derived, dtype, de
                                                  effective_batch=derived["effective_batch"], lr=derived["lr"],
                                                  world_size=world, config=config_loader.to_dict(cfg)))
         if stopped:
-            obs.message(f"stop requested by a signal: checkpoint step{step:08d} saved; --resume auto continues")
+            metrics.obs.message(f"stop requested by a signal: checkpoint step{step:08d} saved; --resume auto continues")
             break
     checkpointer.close()
     distributed.barrier()
-    summary = metrics.finish(step, checkpointer)
-    if keys_log:
-        keys_log.close()
-    return dict(summary, step=step, rank=rank, world_size=world, upload_failures=checkpointer.failures,
-                stopped_by_signal=stopped)
+    return dict(metrics.finish(step, checkpointer), step=step, stopped_by_signal=stopped)
 
 
 def _forever(loader):
