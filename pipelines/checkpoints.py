@@ -247,3 +247,25 @@ def restore_history(output: str, store: str | None, step: int) -> dict[str, int]
         print(f"crossmae-pretrain: {path}: history to step {step} from {source}{replaced}; dropped {dropped} "
               f"line(s) past step {step} and {damaged} unreadable line(s)", file=sys.stderr)
     return counts
+
+
+def check_weights_only(ckpt_dir: str) -> None:
+    """DeepSpeed 0.19.8 unpickles its checkpoints with ``weights_only=False`` (zero_to_fp32,
+    the torch checkpoint engine), so a checkpoint from elsewhere could run code when loaded.
+    Refuse any ``.pt`` file that needs more than tensors, containers and the three DeepSpeed
+    classes its checkpoints hold. ``mmap=True``: pickles are read, tensor data is not."""
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+        for dirpath, _, names in os.walk(ckpt_dir):
+            for name in sorted(n for n in names if n.endswith(".pt")):
+                path = os.path.join(dirpath, name)
+                try:
+                    torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except Exception as e:  # noqa: BLE001 - any refusal or damage is the same answer
+                    cause = next((ln for ln in str(e).splitlines() if "GLOBAL" in ln), type(e).__name__)
+                    raise storage.StorageError(f"{path}: refused, not a plain weights file ({cause.strip()})",
+                                               path) from None
