@@ -18,9 +18,11 @@ import importlib.util
 import io
 import os
 import re
+import runpy
 import shlex
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from unittest import mock
@@ -138,10 +140,15 @@ class _Parsed(BaseException):  # BaseException: passes through the CLIs' `except
         self.prog, self.namespace = prog, namespace
 
 
-def parse_only(module: str, argv: list[str]) -> tuple[str, argparse.Namespace]:
-    """Run the module's main() until its argparse parser returns, and stop there: exactly the
-    CLI's own parser and dispatch (crossmae-eval finetune -> pipelines.finetune), no job."""
-    main = importlib.import_module(module).main
+def parse_only(target: str, argv: list[str]) -> tuple[str, argparse.Namespace]:
+    """Run a module's main() (or a script, as __main__) until its argparse parser returns, and stop
+    there: exactly the CLI's own parser and dispatch (crossmae-eval finetune -> pipelines.finetune), no job."""
+    if target.endswith(".py"):
+        def main(args):
+            with mock.patch.object(sys, "argv", [target, *args]):
+                runpy.run_path(target, run_name="__main__")
+    else:
+        main = importlib.import_module(target).main
     original = argparse.ArgumentParser.parse_args
 
     def stop_after_parsing(self, args=None, namespace=None):
@@ -156,7 +163,7 @@ def parse_only(module: str, argv: list[str]) -> tuple[str, argparse.Namespace]:
             return parsed.prog, parsed.namespace
         except SystemExit as e:
             code = e.code
-    raise CommandError(f"{module} {shlex.join(argv)}: exit {code}: {err.getvalue().strip()}")
+    raise CommandError(f"{target} {shlex.join(argv)}: exit {code}: {err.getvalue().strip()}")
 
 
 def check_parsed(prog: str, args: argparse.Namespace) -> list:
@@ -233,9 +240,11 @@ def check(env: dict, argv: list[str], home: str) -> list:
     if tool in ENTRY_POINTS:
         return check_module(ENTRY_POINTS[tool], argv[1:])
     if os.path.basename(tool) in ("python", "python3"):
-        if argv[1:2] != ["-m"]:
-            raise CommandError(f"{shlex.join(argv)}: the project's programs run as python -m MODULE")
-        return check_module(argv[2], argv[3:])
+        if argv[1:2] == ["-m"]:
+            return check_module(argv[2], argv[3:])
+        if argv[1].endswith(".py") and os.path.isfile(argv[1]):  # a repository script: its own parser
+            return check_parsed(*parse_only(argv[1], argv[2:]))
+        raise CommandError(f"{shlex.join(argv)}: neither python -m MODULE nor a script of the repository")
     if tool == "deepspeed":
         return check_deepspeed(argv[1:])
     if tool == "torchrun":
@@ -374,6 +383,7 @@ BROKEN = [  # each must be refused: the checks above can fail
     "crossmae-eval knn s3://b/exports/r1",
     "crossmae-eval finetune s3://b/e data.train=t data.val=v optim.nope=1",
     "python -m pipelines.no_such_module",
+    "python benchmarks/loader_gpu.py --device cuda --workers four",
     "make no-such-target",
     "kubectl apply -f deploy/k8s/missing.yaml",
     'sbatch --wrap "crossmae-eval knn --train T s3://b/exports/r1"',
@@ -382,6 +392,11 @@ BROKEN = [  # each must be refused: the checks above can fail
     "frobnicate --now",
     "crossmae-prep imagenet /data/imagenet s3://b/in1k --worker-index $UNSET",
 ]
+
+
+def test_repository_scripts_are_parsed_by_their_own_parser(in_sandbox):
+    """Scripts quoted in the docs' prose (README: loaders) take the same path as block commands."""
+    assert check_line("python benchmarks/loader_gpu.py --device cuda --workers 4 --json out.json", in_sandbox) == []
 
 
 @pytest.mark.parametrize("line", BROKEN)
