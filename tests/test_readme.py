@@ -4,9 +4,9 @@ The commands are extracted from the docs' ```bash blocks, so a new README comman
 without touching this file. Our CLIs (the crossmae-* entry points of pyproject.toml and
 `python -m` of their modules) are parsed by their own argparse parsers and stopped right after
 parsing; then their key=value overrides are loaded with pipelines/config.py (a wrong key fails),
-the config is validated and the CLI's own door checks run. `deepspeed` lines go through
-DeepSpeed's launcher parser (0.19.8 has no --dry_run), `torchrun` lines through torch's, and the
-module they start is parsed as above. `launch.sh` runs with DRY_RUN=1 and the command it prints
+the config is validated and the CLI's own door checks run (`python SCRIPT.py` lines: the
+script's own parser). `deepspeed` lines go through DeepSpeed's launcher parser (0.19.8 has no
+--dry_run), `torchrun` lines through torch's, and the module they start is parsed as above. `launch.sh` runs with DRY_RUN=1 and the command it prints
 is checked the same way; `make` runs as `make -n`. Tools that need a cluster, a daemon or the
 network (SYNTAX_ONLY) get `bash -n` + shellcheck of their block and a check that every
 repository path they name exists; sbatch's --wrap command and trainer overrides are checked.
