@@ -158,7 +158,9 @@ class _EpochStream(IterableDataset):
 # shutting down (close(), or interpreter exit after an exception: multiprocessing's exit hook
 # then terminates the workers with SIGTERM and joins them), the loader first raises a shared
 # flag and the signal ends the worker at once, with exit status 0 (torch reports a worker
-# killed by a signal as an error, which would then be the run's last line).
+# killed by a signal as an error, which would then be the run's last line). No alarm as a
+# backstop: the former alarm(60) made every crash wait 60 s at exit and would kill workers under
+# a checkpoint save longer than 60 s; a worker whose parent is gone exits within a second.
 
 def _worker_signals(stopping, parent: int, worker_id: int) -> None:
     """worker_init_fn: ``stopping`` is the loader's shared flag, ``parent`` the trainer's pid."""

@@ -194,10 +194,12 @@ def _first_samples(shards, n):
     return ShardList(tuple(urls), tuple(counts))
 
 
-@pytest.mark.parametrize("world,workers,drop_last", [(1, 0, True), (2, 3, True), (3, 2, False)])
-def test_len_is_exactly_what_the_next_loop_yields_and_a_loop_left_early_continues(shards, world, workers, drop_last):
+@pytest.mark.parametrize("world,workers,drop_last,batch", [(1, 0, True, 8), (2, 3, True, 8), (3, 2, False, 8),
+                                                           (2, 3, True, 32)])  # last: a worker with no batch
+def test_len_is_exactly_what_the_next_loop_yields_and_a_loop_left_early_continues(shards, world, workers, drop_last,
+                                                                                   batch):
     for r in range(world):
-        ld = loader(shards, rank=r, world_size=world, num_workers=workers, drop_last=drop_last)
+        ld = loader(shards, rank=r, world_size=world, num_workers=workers, drop_last=drop_last, batch_size=batch)
         assert len(ld) == ld.batches_per_epoch
         first = take(ld)
         assert len(first) == ld.batches_per_epoch
