@@ -69,7 +69,8 @@ def make_wheelhouse(argv: list[str]) -> int:
     shutil.rmtree(tmp, ignore_errors=True)
     pip = [sys.executable, "-m", "pip"]
     # deepspeed ships only an sdist; its wheel is pure Python (no ops are compiled at install)
-    cmds = [pip + ["wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp, f"deepspeed=={versions['deepspeed']}"],
+    cmds = [pip + ["wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp,
+                   f"deepspeed=={versions['deepspeed']}"],
             pip + ["download", "-q", "--no-deps", "--only-binary=:all:", "--python-version", args.python_version,
                    "--implementation", "cp", "--platform", args.platform, "-d", tmp]
             + [f"{n}=={v}" for n, v in versions.items() if n != "deepspeed"]]
@@ -131,7 +132,8 @@ def install(argv: list[str]) -> int:
         report["installed"] = todo
     # a fresh interpreter with SITE first: everything imports, and torch is still the node's own
     probe = ("import importlib, json, torch; mods = %r\nfor m in mods: importlib.import_module(m)\n"
-             "print(json.dumps(dict(torch=torch.__version__, torch_file=torch.__file__)))" % sorted(NODE_NEEDS.values()))
+             "print(json.dumps(dict(torch=torch.__version__, torch_file=torch.__file__)))"
+             % sorted(NODE_NEEDS.values()))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [args.site, os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
     with open(args.report, "w") as f:
@@ -187,7 +189,8 @@ def _one_image(job) -> int:
     y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
     tw, th = SIZES[rng.integers(len(SIZES))]
     crop = Image.fromarray(src[y:y + ch, x:x + cw]).resize((tw // scale, th // scale), Image.BICUBIC)
-    a = np.asarray(crop, dtype=np.float32) * rng.uniform(0.8, 1.2, size=3) + rng.normal(0, 7.0, (th // scale, tw // scale, 3))
+    a = np.asarray(crop, dtype=np.float32) * rng.uniform(0.8, 1.2, size=3)
+    a += rng.normal(0, 7.0, a.shape)
     buf = io.BytesIO()
     Image.fromarray(a.clip(0, 255).astype(np.uint8)).save(buf, "JPEG", quality=int(rng.integers(85, 96)))
     with open(os.path.join(folder, f"n{i % classes:08d}", f"img_{i:07d}.JPEG"), "wb") as f:

@@ -73,6 +73,32 @@ def test_failed_and_overtime_stages_are_recorded_and_the_rest_run(tmp_path):
     assert "===== pretrain_1gpu stderr" in (out / "gpu_check.log").read_text()
 
 
+def test_gpu_plan_trains_the_vit_b_preset_80_steps_with_a_warmup_inside_the_run(tmp_path):
+    """The GPU commands cannot run here; their trainer settings go through the trainer's own
+    config loader and schedule: ViT-B preset, batch 256 per GPU, 80 steps, warm-up done by then."""
+    import argparse
+
+    import gpu_check
+    from pipelines.config import load
+    from pipelines.train_config import PretrainConfig
+
+    args = argparse.Namespace(cpu=False, wheelhouse=str(tmp_path / "wh"))
+    for n_gpus in (1, 2, 8):
+        stages = {s.name: s for s in gpu_check.plan(args, sys.executable, n_gpus, 16, str(tmp_path), str(tmp_path))}
+        assert (stages["pretrain_ngpu"].cmd is None) == (n_gpus == 1)
+        for stage in (stages["pretrain_1gpu"], stages["pretrain_ngpu"]):
+            if stage.cmd is None:
+                continue
+            cmd = stage.cmd
+            world = int(cmd[cmd.index("--nproc_per_node") + 1])
+            cfg = load(PretrainConfig, str(ROOT / cmd[cmd.index("--config") + 1]), [a for a in cmd if "=" in a])
+            cfg.validate()
+            d = cfg.derived(8192, world)
+            assert cfg.model.preset == "crossmae_vit_base_patch16_dec512d12b" and cfg.deepspeed.micro_batch == 256
+            assert d["max_steps"] == 80 and 16 <= d["warmup_steps"] <= 32 and d["total_steps"] >= 80, (world, d)
+            assert cfg.run.store is None and cfg.optim.lr == 5e-4
+
+
 def test_unknown_stage_is_refused_in_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--cpu", "--out", str(tmp_path), "--stages",
                            "images,imgaes"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
