@@ -68,7 +68,7 @@ def device_images(batch: dict, cfg: PretrainConfig, device: torch.device, dtype)
 
 
 def measure(cfg: PretrainConfig, epochs: int, device: torch.device) -> dict:
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch.float32  # the trainer's input under its default bf16 autocast (pipelines/train_step.py)
     try:
         loader = make_loader(cfg, device)
     except (ImportError, TypeError) as e:  # the config knows the option, the loader code does not (yet)
