@@ -99,6 +99,12 @@ def test_gpu_plan_trains_the_vit_b_preset_80_steps_with_a_warmup_inside_the_run(
             assert cfg.run.store is None and cfg.optim.lr == 5e-4
 
 
+def test_a_stage_past_the_overall_budget_is_not_run_and_fails_the_check(tmp_path):
+    proc, summary, _ = gpu_check(tmp_path, "--budget", "1", "--stages", "images")
+    assert proc.returncode == 1 and summary["ok"] is False
+    assert summary["stages"]["images"] == dict(status="not_run", rc=None, seconds=0.0, reason="out of the 1 s budget")
+
+
 def test_unknown_stage_is_refused_in_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--cpu", "--out", str(tmp_path), "--stages",
                            "images,imgaes"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
