@@ -31,7 +31,7 @@ from pipelines.observe import model_flops_utilization, peak_tflops  # noqa: E402
 from pipelines.optim import build_optimizer  # noqa: E402
 from pipelines.pretrain import init_distributed  # noqa: E402
 from pipelines.train_config import PretrainConfig  # noqa: E402
-from pipelines.train_step import TrainStep, build_engine  # noqa: E402
+from pipelines.train_step import TrainStep, build_engine, device_batches  # noqa: E402
 
 MODELS = {"CrossMAE": "crossmae_vit_base_patch16_dec512d12b", "MAE": "mae_vit_base_patch16_dec512d8b"}
 
@@ -64,6 +64,7 @@ def _measure(run, args, device) -> tuple[float, float]:
 def bench_trainer(cfg: PretrainConfig, args, device, batches) -> dict:
     engine, _, dtype = build_engine(cfg, 1, device)
     step = TrainStep(engine, cfg, device, dtype, rank=0, world=1)
+    batches = device_batches(batches, cfg.data.image_size, device, dtype)  # as the trainer: one batch ahead
     counter = itertools.count()
 
     def run(n):
@@ -71,6 +72,7 @@ def bench_trainer(cfg: PretrainConfig, args, device, batches) -> dict:
 
     seconds, wait = _measure(run, args, device)
     out = _result(engine.module.config, args, device, seconds, wait)
+    batches.close()
     del engine, step
     return out
 

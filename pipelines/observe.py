@@ -66,7 +66,7 @@ class Observer:
     """Everything rank 0 reports. Other ranks get an Observer that does nothing."""
 
     def __init__(self, out: str, enabled: bool, total: int, initial: int, tensorboard: bool = True):
-        self.out, self.enabled = out, enabled
+        self.out, self.enabled, self.total = out, enabled, total
         self.metrics = self.tb = self.bar = None
         if not enabled:
             return

@@ -105,6 +105,7 @@ def test_damaged_shards_are_said_counted_and_bounded(manifest, tmp_path):
     tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 3])  # most of its 16 samples gone
     damaged = str(data / "manifest.json")
     ok = launch(damaged, tmp_path / "lenient", "run.max_steps=16", "run.save_every=16", "data.max_skipped_fraction=0.5",
+                "run.log_every=5",
                 launcher="plain")
     warnings = [ln for ln in ok.stderr.splitlines() if tar.name in ln]
     assert len(warnings) == 1, ok.stderr[-3000:]
