@@ -83,15 +83,20 @@ class Mirror:
             return [t for t in (self._current, self._queued and self._queued[0]) if t]
 
     def wait(self, timeout: float, why: str) -> bool:
-        """Wait until nothing is pending, at most ``timeout`` s; one stderr line when the wait
-        starts and one when it ends. True when the mirror is idle."""
+        """Wait until nothing is pending, at most ``timeout`` s. A wait longer than a moment
+        (1 s, or half the bound) says so on stderr when it starts and when it ends.
+        True when the mirror is idle."""
+        t0, quiet = time.monotonic(), min(1.0, timeout / 2)
+        idle = lambda: self._current is None and self._queued is None  # noqa: E731
+        with self._cv:
+            if self._cv.wait_for(idle, quiet):
+                return True
         pending = self.pending()
-        if not pending:
+        if not pending:  # finished between the two looks
             return True
         say(f"{why}: waiting up to {timeout:g} s for the upload of {', '.join(pending)} to {self.store}")
-        t0 = time.monotonic()
         with self._cv:
-            self._cv.wait_for(lambda: self._current is None and self._queued is None, timeout)
+            self._cv.wait_for(idle, max(0.0, t0 + timeout - time.monotonic()))
         left = self.pending()
         if not left:
             say(f"{why}: upload finished after {time.monotonic() - t0:.1f} s")
