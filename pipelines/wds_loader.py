@@ -272,10 +272,6 @@ class StreamingLoader(EpochCursor, LoaderCounters):
         self.close()
         self._transform = transform
 
-    @property
-    def worker_pids(self) -> list[int]:
-        return [w.pid for w in getattr(self._stream, "_workers", [])]
-
     def __iter__(self):
         """One epoch (or what is left of it: after load_state_dict, or a loop left early)."""
         part = self._current if self._stream is not None and self._current is not None else self._begin()
