@@ -2,7 +2,7 @@
 FLOPs and checkpoint interop. No distributed code and no storage I/O live here."""
 from .flops import flops_per_image
 from .interop import (CheckpointError, config_from_released, create_timm_encoder, export_encoder,
-                      import_released, load_into, read_checkpoint, timm_config)
+                      import_released, load_into, load_timm, read_checkpoint, timm_config)
 from .masking import PatchMasking, random_masking
 from .model import AutoencoderOutput, MaskedAutoencoder, ModelConfig, patchify, unpatchify
 from .presets import create_model, list_models, model_config
@@ -10,6 +10,6 @@ from .presets import create_model, list_models, model_config
 __all__ = [
     "AutoencoderOutput", "CheckpointError", "MaskedAutoencoder", "ModelConfig", "PatchMasking",
     "config_from_released", "create_model", "create_timm_encoder", "export_encoder", "flops_per_image",
-    "import_released", "list_models", "load_into", "model_config", "patchify", "random_masking",
+    "import_released", "list_models", "load_into", "load_timm", "model_config", "patchify", "random_masking",
     "read_checkpoint", "timm_config", "unpatchify",
 ]

@@ -2,7 +2,7 @@
 pretraining -> every checkpoint exported (timm) -> k-NN report; locally and on S3."""
 import json
 
-import timm
+from crossmae.interop import load_timm
 import torch
 
 from pipelines import storage
@@ -20,9 +20,7 @@ def test_demo_runs_end_to_end(tmp_path):
     manifest = json.loads((out / "store/train/manifest.json").read_text())
     assert manifest["num_samples"] == 1500 and manifest["classes"] == [str(i) for i in range(10)]
     export = out / "store/exports/step00000012"
-    cfg = json.loads((export / "config.json").read_text())
-    vit = timm.create_model(cfg["architecture"], pretrained=True, **cfg["model_args"],
-                            pretrained_cfg_overlay=dict(file=str(export / "model.safetensors")))
+    vit = load_timm(str(export))  # strict, with the export's pretrained_cfg
     assert vit(torch.zeros(2, 3, 32, 32)).shape == (2, 64)
     assert json.loads((out / "store/run/latest").read_text())["tag"] == "step00000012"
     assert [p.name for p in sorted((out / "run/recon").glob("*.png"))] == [f"step{s:08d}.png" for s in (4, 8, 12)]
