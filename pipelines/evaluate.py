@@ -7,8 +7,9 @@
 
 An export is a directory or prefix (local or s3://) with model.safetensors, timm's config.json
 and export.json (tag, step, epoch, source, weights_sha256). Given a prefix, every export under
-it is evaluated in turn, skipping those that already have ``<export>/eval/<name>.json`` (unless
-``--force``), then the report is written. ``--index I`` (or ``--index auto``: $SLURM_ARRAY_TASK_ID
+it is evaluated in turn, skipping those whose ``<export>/eval/<name>.json`` was computed from the
+same weights, both manifests (sha256) and protocol (``result_key``; ``--force`` redoes them all),
+then the report is written. Train and val manifests with different class maps are refused. ``--index I`` (or ``--index auto``: $SLURM_ARRAY_TASK_ID
 or $JOB_COMPLETION_INDEX) evaluates only the I-th export (sorted by step), so a job array fans out;
 run ``report`` once the array is done.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import datetime
 import hashlib
 import io
@@ -103,16 +105,26 @@ class Dataset:
     split: str
     num_samples: int
     num_classes: int
+    classes_sha256: str | None = None  # of the label -> class name list (the class map); None: the manifest has none
 
     @classmethod
     def read(cls, url: str) -> "Dataset":
         try:
             data = storage.read_bytes(url)
             m = json.loads(data)
+            classes = m.get("classes") or []
             return cls(url, hashlib.sha256(data).hexdigest(), m.get("split", "unknown"), int(m["num_samples"]),
-                       len(m.get("classes") or []))
+                       len(classes), hashlib.sha256(json.dumps(classes).encode()).hexdigest() if classes else None)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise UsageError(f"manifest {url}: {type(e).__name__}: {e} (write one with crossmae-prep)") from e
+
+
+def check_same_classes(train: Dataset, val: Dataset) -> None:
+    """Labels only mean the same class under one class map: a k-NN or probe across two maps
+    gives a number (20% top-1 was seen) that means nothing."""
+    if train.classes_sha256 and val.classes_sha256 and train.classes_sha256 != val.classes_sha256:
+        raise UsageError(f"--train and --val have different class maps ({train.num_classes} vs {val.num_classes} "
+                         f"classes; label i is a different class): {train.manifest} vs {val.manifest}")
 
 
 def features(export: Export, data: Dataset, role: str, args, encoder_cache: dict, log: dict) -> knn.Features:
@@ -144,28 +156,66 @@ def num_classes(train: Dataset, feats: knn.Features) -> int:
     return max(train.num_classes, int(feats.label.max()) + 1)
 
 
+def protocol(job: str, export: Export, train: Dataset, args) -> dict:
+    """Everything besides the weights and the data that a result's numbers depend on."""
+    if job == "knn":
+        return dict(job=job, k=list(knn.effective_ks(args.k, train.num_samples)), temperature=args.temperature,
+                    headline=f"avg_k{min(knn.HEADLINE_K, train.num_samples)}", image_size=export.image_size)
+    return dict(job=job, image_size=export.image_size, **dataclasses.asdict(probe_config(args)))
+
+
+def result_key(job: str, export: Export, train: Dataset, val: Dataset, args) -> str:
+    """sha256 over the weights, both manifests and the protocol: a cached result is reused only
+    under the same key."""
+    parts = dict(weights=export.weights_sha256, train=train.sha256, val=val.sha256,
+                 protocol=protocol(job, export, train, args))
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def stale_reason(old: dict, export: Export, train: Dataset, val: Dataset, proto: dict) -> str:
+    """Why an existing result does not answer this request (for the stderr line)."""
+    if "key" not in old:
+        return "no key: written by an older crossmae-eval"
+    data = old.get("dataset", {})
+    for role, d in (("train", train), ("val", val)):
+        if data.get(role, {}).get("sha256") != d.sha256:
+            return f"another --{role} manifest ({data.get(role, {}).get('manifest')})"
+    if old.get("weights_sha256") != export.weights_sha256:
+        return "other weights under the same export URL"
+    diff = [f"{k} {old.get('protocol', {}).get(k)!r} -> {v!r}" for k, v in proto.items()
+            if old.get("protocol", {}).get(k) != v]
+    return "another protocol (" + ", ".join(diff) + ")" if diff else "another key"
+
+
 def run_knn(export: Export, train: Dataset, val: Dataset, args) -> tuple[dict, dict]:
     enc, cache = {}, {}
     ftr, fval = features(export, train, "train", args, enc, cache), features(export, val, "val", args, enc, cache)
-    ks = tuple(sorted(set(args.k)))
+    ks = knn.effective_ks(args.k, len(ftr.label))
     metrics = knn.knn_metrics(ftr, fval, num_classes(train, ftr), ks, args.temperature)
     metrics["corrupt"] = ftr.corrupt + fval.corrupt
     return metrics, dict(k=list(ks), temperature=args.temperature, feature_cache=cache)
 
 
+def probe_config(args) -> linprobe.ProbeConfig:
+    return linprobe.ProbeConfig(pool=args.pool, epochs=args.epochs, batch_size=args.probe_batch, blr=args.blr,
+                                lr=args.lr, warmup_epochs=args.warmup_epochs, optimizer=args.optimizer,
+                                seed=args.seed, augment=args.augment)
+
+
 def run_linprobe(export: Export, train: Dataset, val: Dataset, args) -> tuple[dict, dict]:
-    cfg = linprobe.ProbeConfig(pool=args.pool, epochs=args.epochs, batch_size=args.probe_batch, blr=args.blr,
-                               lr=args.lr, warmup_epochs=args.warmup_epochs, optimizer=args.optimizer,
-                               seed=args.seed, augment=args.augment)
+    cfg = probe_config(args)
     enc, cache = {}, {}
     ftr, fval = features(export, train, "train", args, enc, cache), features(export, val, "val", args, enc, cache)
     classes = num_classes(train, ftr)
+    batch, _, warning = cfg.resolve(len(ftr.label))
+    if warning:
+        print(f"{PROG} linprobe: {export.url}: {warning}", file=sys.stderr)
     batches = steps = None
     if cfg.augment:  # one encoder pass per sample and epoch on the loader's training augmentation
         from .loaders import LoaderConfig, build_loader
 
         enc.setdefault("model", export.encoder())
-        loader = build_loader(LoaderConfig(manifest=train.manifest, batch_size=min(cfg.batch_size, train.num_samples),
+        loader = build_loader(LoaderConfig(manifest=train.manifest, batch_size=batch,
                                            num_workers=args.workers, image_size=export.image_size, seed=cfg.seed))
         dev, idx = device(args), 1 if cfg.pool == "cls" else 0
 
@@ -175,9 +225,10 @@ def run_linprobe(export: Export, train: Dataset, val: Dataset, args) -> tuple[di
                     x = knn.encode(enc["model"], b["image"], dev)[idx]
                 yield x, b["label"]
         steps = len(loader)
-    metrics = linprobe.probe(ftr.get(cfg.pool), ftr.label, fval.get(cfg.pool), fval.label, classes, cfg, batches, steps)
+    metrics, hparams = linprobe.probe(ftr.get(cfg.pool), ftr.label, fval.get(cfg.pool), fval.label, classes, cfg,
+                                      batches, steps, batch)
     metrics["corrupt"] = ftr.corrupt + fval.corrupt
-    return metrics, dict(asdict(cfg), feature_cache=cache)
+    return metrics, dict(probe=hparams, feature_cache=cache)
 
 
 JOBS = {"knn": run_knn, "linprobe": run_linprobe}
@@ -187,10 +238,11 @@ def evaluate(job: str, export: Export, train: Dataset, val: Dataset, args) -> di
     """Run one job on one export and write ``<export>/eval/<name>.json``; returns the result."""
     t0 = time.time()
     metrics, config = JOBS[job](export, train, val, args)
-    config.update(batch_size=args.batch_size, image_size=export.image_size, device=str(device(args)))
+    config.update(encoder_batch=args.batch_size, image_size=export.image_size, device=str(device(args)))
     result = dict(job=job, name=args.name or job, metrics=metrics, export=export.url, tag=export.info.get("tag"),
                   step=export.step, epoch=export.info.get("epoch"), weights_sha256=export.weights_sha256,
                   dataset={role: asdict(d) for role, d in (("train", train), ("val", val))},
+                  protocol=protocol(job, export, train, args), key=result_key(job, export, train, val, args),
                   config=config, seconds=round(time.time() - t0, 2),
                   time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     storage.write_bytes(result_url(export.url, args.name or job), json.dumps(result, indent=1).encode())
@@ -213,10 +265,25 @@ def select_index(index: str | None) -> int | None:
     return int(index)
 
 
+def read_result(url: str) -> dict | None:
+    try:
+        r = json.loads(storage.read_bytes(url))
+    except storage.StorageNotFoundError:
+        return None
+    except ValueError:  # a damaged result is redone, not trusted
+        return {}
+    return r if isinstance(r, dict) else {}
+
+
 def run_sweep(args) -> int:
     if args.job == "knn" and min(args.k) < 1:
         raise UsageError(f"--k must be positive, not {min(args.k)}")
     train, val = Dataset.read(args.train), Dataset.read(args.val)
+    check_same_classes(train, val)
+    if args.job == "knn" and max(args.k) > train.num_samples:
+        print(f"{PROG} knn: k {', '.join(str(k) for k in sorted(args.k) if k > train.num_samples)} > the "
+              f"{train.num_samples} training samples: k={train.num_samples} (all vote) is reported instead; "
+              f"the headline stays k={min(knn.HEADLINE_K, train.num_samples)}", file=sys.stderr)
     exports, broken, single = find_exports(args.target)
     if not exports and not broken:
         raise UsageError(f"{args.target}: no export (no export.json there or under it)")
@@ -229,12 +296,18 @@ def run_sweep(args) -> int:
                   file=sys.stderr)
             return 0
         exports = exports[index:index + 1]
-    done, skipped, failed = 0, 0, len(broken) if index is None else 0
+    done, skipped, stale, failed = 0, 0, 0, len(broken) if index is None else 0
     name = args.name or args.job
     for export in exports:
-        if not args.force and storage.exists(result_url(export.url, name)):
-            skipped += 1
-            continue
+        old = None if args.force else read_result(result_url(export.url, name))
+        if old is not None:
+            if old.get("key") == result_key(args.job, export, train, val, args):
+                skipped += 1
+                continue
+            stale += 1
+            print(f"{PROG}: {export.url}: eval/{name}.json does not match ("
+                  f"{stale_reason(old, export, train, val, protocol(args.job, export, train, args))}): recomputing",
+                  file=sys.stderr)
         try:
             res = evaluate(args.job, export, train, val, args)
         except Exception as e:  # noqa: BLE001 - one broken export (any cause) is counted; the sweep goes on
@@ -245,8 +318,8 @@ def run_sweep(args) -> int:
         m = res["metrics"]
         print(f"{name} {export.url} step {export.step}: top1 {m['top1']:.2f} top5 {m['top5']:.2f} "
               f"({res['seconds']} s)", file=sys.stderr)
-    print(f"{PROG} {name}: {done} evaluated, {skipped} skipped (result exists; --force redoes), {failed} failed",
-          file=sys.stderr)
+    print(f"{PROG} {name}: {done} evaluated ({stale} stale results redone), {skipped} skipped (same data and "
+          f"protocol; --force redoes), {failed} failed", file=sys.stderr)
     if args.report or (not single and index is None):
         write_report(args.target, args.report or args.target)
     return 1 if failed else 0
@@ -261,7 +334,41 @@ def run_report(args) -> int:
 
 
 # ---------------------------------------------------------------- report across exports
-HEADLINE = {"knn": ("top1", "top5", "cls_k20_top1"), "linprobe": ("top1", "top5"), "finetune": ("top1", "top5")}
+POOL_NAMES = {"avg": "avg-pool", "cls": "class token"}
+JOB_NAMES = {"knn": "k-NN", "linprobe": "linear probe", "finetune": "fine-tune"}
+
+
+def headline_metrics(r: dict) -> tuple[str, ...]:
+    """The report's headline columns of one result; k-NN's name their protocol (pooling, k)."""
+    if r["job"] == "knn":
+        k = (r.get("protocol") or {}).get("headline", "avg_k20").rpartition("_k")[2]
+        return f"avg_k{k}_top1", f"avg_k{k}_top5", f"cls_k{k}_top1"
+    return "top1", "top5"
+
+
+def describe(metric: str, r: dict) -> str:
+    """A legend entry a person reads: 'k-NN top-1, k=20, avg-pool', 'linear probe top-1, class
+    token, 90 epochs, LARS'."""
+    job, config = r["job"], r.get("config") or {}
+    prefix = "" if r["name"] == job else f"{r['name']}: "
+    top = metric.rpartition("top")[2]
+    if job == "knn" and "_k" in metric:
+        pool, _, k = metric.rpartition("_top")[0].partition("_k")
+        return f"{prefix}k-NN top-{top}, k={k}, {POOL_NAMES.get(pool, pool)}"
+    if job == "linprobe":
+        p = config.get("probe") or {}
+        extra = f", {p['epochs']} epochs, {p['optimizer'].upper()}" if "epochs" in p else ""
+        return f"{prefix}linear probe top-{top}, {POOL_NAMES.get(p.get('pool'), p.get('pool', '?'))}{extra}"
+    if job == "finetune":
+        return f"{prefix}fine-tune top-{top}, {r['metrics'].get('epochs', '?')} epochs"
+    return f"{prefix}{metric}"
+
+
+def dataset_name(d: dict) -> str:
+    """'in1k/val (50000 images, 1000 classes)' from s3://b/in1k/val/manifest.json."""
+    parts = d.get("manifest", "?").rstrip("/").split("/")
+    name = "/".join(parts[-3:-1]) if parts[-1] == "manifest.json" and len(parts) > 2 else parts[-1]
+    return f"{name} ({d.get('num_samples')} images, {d.get('num_classes')} classes)"
 
 
 def collect_results(prefix: str) -> list[dict]:
@@ -278,7 +385,9 @@ def collect_results(prefix: str) -> list[dict]:
 
 def write_report(prefix: str, out_dir: str) -> list[str] | None:
     """report.md (headline metrics), report.csv (all metrics) and report.png (headline top-1
-    against pretraining step) in out_dir; one row per export, sorted by step. None: no results."""
+    against pretraining step) in out_dir; one row per export, sorted by step. None: no results.
+    Results of one name computed under different protocols or val sets are said on stderr and
+    in the markdown (a sweep recomputes them; array tasks and old results can still differ)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -288,35 +397,52 @@ def write_report(prefix: str, out_dir: str) -> list[str] | None:
     if not results:
         return None
     rows: dict[str, dict] = {}
-    for r in results:
+    labels: dict[str, tuple] = {}  # column -> (result name, position, legend entry)
+    variants: dict[str, set] = {}  # result name -> distinct (protocol, val data)
+    for r in sorted(results, key=lambda r: (r.get("step") is None, r.get("step") or 0, r["export"])):
         row = rows.setdefault(r["export"], dict(export=r["export"], tag=r.get("tag"), step=r.get("step"),
                                                 epoch=r.get("epoch")))
         row.update({f"{r['name']}/{k}": v for k, v in r["metrics"].items() if isinstance(v, (int, float))})
-    ordered = sorted(rows.values(), key=lambda row: (row["step"] is None, row["step"] or 0, row["export"]))
-    names = sorted({(r["name"], r["job"]) for r in results})
+        for i, m in enumerate(headline_metrics(r)):
+            labels.setdefault(f"{r['name']}/{m}", (r["name"], i, describe(m, r)))
+        val = (r.get("dataset") or {}).get("val") or {}
+        variants.setdefault(r["name"], set()).add((json.dumps(r.get("protocol"), sort_keys=True), val.get("sha256")))
+    ordered = list(rows.values())
     metric_cols = list(dict.fromkeys(k for row in ordered for k in row if "/" in k))  # first-seen order
-    headline = [f"{n}/{m}" for n, job in names for m in HEADLINE.get(job, ("top1", "top5"))
-                if f"{n}/{m}" in metric_cols]
+    headline = sorted((c for c in labels if c in metric_cols), key=lambda c: labels[c][:2])  # by name, as the job lists
+    labels = {c: text for c, (_, _, text) in labels.items()}
+    mixed = [f"{name}: {len(v)} protocols or val sets (re-run the sweep to recompute them)"
+             for name, v in sorted(variants.items()) if len(v) > 1]
+    for line in mixed:
+        print(f"{PROG} report: warning: {line}", file=sys.stderr)
+
+    run = storage.join(prefix, "").rstrip("/").rpartition("/")[2] or prefix
+    jobs = ", ".join(dict.fromkeys(JOB_NAMES.get(r["job"], r["job"]) for r in results))
+    vals = {dataset_name((r.get("dataset") or {}).get("val") or {}) for r in results}
+    data = vals.pop() if len(vals) == 1 else f"{len(vals)} val sets"
+    title = f"{run}: {jobs} on {data}"
 
     buf = io.StringIO()
     writer = csv.DictWriter(buf, ["export", "tag", "step", "epoch", *metric_cols], lineterminator="\n")
     writer.writeheader()
     writer.writerows(ordered)
     base = storage.join(prefix, "")
-    md = ["| export | step | " + " | ".join(headline) + " |", "|---|---:|" + "---:|" * len(headline)]
+    md = [f"# {title}", "", "| export | step | " + " | ".join(headline) + " |", "|---|---:|" + "---:|" * len(headline)]
     for row in ordered:
         cells = [f"{row[c]:.2f}" if isinstance(row.get(c), (int, float)) else "" for c in headline]
         name = row["export"].removeprefix(base) or row["export"]
         md.append(f"| {name} | {row['step']} | " + " | ".join(cells) + " |")
+    md += ["", *(f"- `{c}`: {labels[c]} (%)" for c in headline), *(f"- warning: {line}" for line in mixed)]
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for col in (c for c in headline if c.endswith("top1")):  # top-5 would crowd the plot (it is in the table)
         pts = [(row["step"], row[col]) for row in ordered if row["step"] is not None and col in row]
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=col)
+            ax.plot(*zip(*pts), marker="o", label=labels[col])
     no_step = sum(row["step"] is None for row in ordered)
-    ax.set(xlabel="pretraining step", ylabel="accuracy (%)",
-           title=f"{len(ordered)} exports" + (f" ({no_step} without a step, not plotted)" if no_step else ""))
+    ax.set_title(f"{title}\n{len(ordered)} exports" + (f" ({no_step} without a step, not plotted)" if no_step else ""),
+                 fontsize=10)
+    ax.set(xlabel="pretraining step (optimizer steps)", ylabel="top-1 accuracy (%)")
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=8)
@@ -359,11 +485,14 @@ def build_parser() -> argparse.ArgumentParser:
             d = linprobe.ProbeConfig()
             p.add_argument("--pool", choices=("cls", "avg"), default=d.pool)
             p.add_argument("--epochs", type=int, default=d.epochs)
-            p.add_argument("--probe-batch", type=int, default=d.batch_size, help="head training batch")
+            p.add_argument("--probe-batch", type=int, default=d.batch_size,
+                           help=f"head training batch (default: MAE's {linprobe.MAE_BATCH}, capped to "
+                                f"{linprobe.MIN_STEPS_PER_EPOCH} steps per epoch)")
             p.add_argument("--blr", type=float, default=d.blr, help="lr = blr x batch / 256")
             p.add_argument("--lr", type=float, help="absolute lr (overrides --blr)")
             p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs)
-            p.add_argument("--optimizer", choices=("lars", "sgd"), default=d.optimizer)
+            p.add_argument("--optimizer", choices=("auto", "lars", "sgd"), default=d.optimizer,
+                           help="auto: LARS at MAE's batch, SGD below it")
             p.add_argument("--seed", type=int, default=d.seed)
             p.add_argument("--augment", action="store_true", help="encoder per epoch on augmented crops (slow on CPU)")
     p = sub.add_parser("report", help="table (markdown, CSV) and plot of all results under a prefix")

@@ -10,7 +10,8 @@ The export (a directory or storage prefix: model.safetensors, timm config.json, 
 becomes a timm ViT with a fresh head (global average pooling + fc_norm, drop path), trained
 with layer-wise lr decay (timm's BEiT/MAE param groups), warmup + cosine, AdamW, RandAugment,
 random erasing, mixup/cutmix and label smoothing; top-1/top-5 on the val manifest after every
-epoch, each val sample counted exactly once across ranks. Writes ``run.output``/metrics.jsonl,
+epoch, each val sample counted exactly once across ranks (every collective through
+pipelines.distributed, whose tensors are on the device the backend needs: CUDA under NCCL). Writes ``run.output``/metrics.jsonl,
 config.yaml, deepspeed.json, checkpoints/epoch####/ (``--resume auto``), and the result
 ``<export>/eval/finetune.json``.
 """
@@ -34,8 +35,7 @@ import torch.nn.functional as F
 import yaml
 
 from . import config as config_loader
-from . import storage
-from .checkpoints import check_weights_only
+from . import distributed, storage
 from .loaders import LoaderConfig, build_loader
 from .optim import lr_at, set_lr
 from .train_config import DeepSpeedSection, deepspeed_config, resolve_precision
@@ -215,9 +215,8 @@ class FinetuneTrainTransform:
 @torch.no_grad()
 def evaluate(engine, loader, device, dtype) -> dict:
     """top-1 / top-5 / loss over the val set, every sample once across ranks: padded repeats
-    are masked by the loader's ``valid`` flags, or else by the rank's first sight of ``index``."""
-    import deepspeed.comm as dist
-
+    are masked by the loader's ``valid`` flags, or else by the rank's first sight of ``index``.
+    The sums are reduced through pipelines.distributed (on the device the backend needs)."""
     engine.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss sum, count
     seen: set[int] = set()
@@ -235,7 +234,7 @@ def evaluate(engine, loader, device, dtype) -> dict:
         hit = top == labels[:, None]
         sums += torch.stack([(hit[:, 0] & keep).sum(), (hit.any(1) & keep).sum(),
                              (F.cross_entropy(logits, labels, reduction="none") * keep).sum(), keep.sum()]).double()
-    dist.all_reduce(sums)
+    sums = distributed.all_reduce(sums)
     engine.train()
     c1, c5, loss, n = sums.tolist()
     return dict(top1=100 * c1 / n, top5=100 * c5 / n, val_loss=loss / n, eval_samples=int(n))
@@ -248,12 +247,13 @@ def _sha256(url: str) -> str:
 
 def finetune(cfg: FinetuneConfig, export: str, resume: str = "auto") -> dict:
     import deepspeed
-    import deepspeed.comm as dist
     from timm.data import Mixup
     from timm.data.random_erasing import RandomErasing
     from timm.loss import SoftTargetCrossEntropy
 
-    from .pretrain import checkpoints, init_distributed
+    from .checkpointer import complete_tags
+    from .checkpoints import check_weights_only
+    from .pretrain import init_distributed
 
     t_start = time.time()
     on_gpu = torch.cuda.is_available()
@@ -317,7 +317,7 @@ def finetune(cfg: FinetuneConfig, export: str, resume: str = "auto") -> dict:
             json.dump(dict(ds_config, derived=derived), f, indent=1)
 
     epoch, step, best, history = 0, 0, 0.0, []
-    tags = checkpoints(out) if resume == "auto" else []
+    tags = complete_tags(out) if resume == "auto" else []
     if tags:
         check_weights_only(os.path.join(out, "checkpoints", tags[-1]))  # DeepSpeed unpickles with weights_only=False
         _, client = engine.load_checkpoint(os.path.join(out, "checkpoints"), tags[-1])
@@ -382,24 +382,22 @@ def finetune(cfg: FinetuneConfig, export: str, resume: str = "auto") -> dict:
                    time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     if rank == 0:
         storage.write_bytes(storage.join(export, "eval", "finetune.json"), json.dumps(summary, indent=1).encode())
-    dist.barrier()
+    distributed.barrier()
     return summary
 
 
 def _save(engine, out: str, epoch: int, client: dict, rank: int) -> None:
     """DeepSpeed checkpoint at an epoch boundary; COMPLETE once every rank saved; older ones removed."""
-    import deepspeed.comm as dist
-
     root, tag = os.path.join(out, "checkpoints"), f"epoch{epoch:04d}"
     engine.save_checkpoint(root, tag=tag, client_state=client)
-    dist.barrier()
+    distributed.barrier()
     if rank == 0:
         with open(os.path.join(root, tag, "COMPLETE"), "w") as f:
             f.write(str(epoch))
         for old in os.listdir(root):
             if old != tag and os.path.isdir(os.path.join(root, old)):
                 shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-    dist.barrier()
+    distributed.barrier()
 
 
 class _Parser(argparse.ArgumentParser):

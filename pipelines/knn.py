@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from . import storage
 from .transforms import normalize_batch
 
-KS = (10, 20, 100)  # reported; k = 20 is the headline (DINO, MAE)
+KS = (10, 20, 100)  # reported
+HEADLINE_K = 20  # the headline top-1 (DINO, MAE): always computed, whatever --k asks
 TEMPERATURE = 0.07
 
 
@@ -139,15 +140,23 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict
     return {f"top{k}": 100.0 * (ranked[:, :k] == labels[:, None]).any(1).float().mean().item() for k in ks}
 
 
+def effective_ks(ks, num_train: int) -> tuple[int, ...]:
+    """The k values a training set of ``num_train`` samples can answer, always with the headline
+    k: each k capped to the set (a larger k is the whole set voting), deduplicated, sorted."""
+    return tuple(sorted({min(k, num_train) for k in (*ks, HEADLINE_K)}))
+
+
 def knn_metrics(train: Features, val: Features, num_classes: int, ks=KS, temperature: float = TEMPERATURE) -> dict:
-    """Flat metrics: ``{pool}_k{k}_top{1,5}`` for pool in (avg, cls), and the headline
-    ``top1``/``top5`` = avg pooling, k = 20."""
-    metrics = {}
+    """Flat metrics: ``{pool}_k{k}_top{1,5}`` for pool in (avg, cls) and every k of
+    ``effective_ks`` (named by the k really used), and the headline ``top1``/``top5``: always
+    avg pooling, k = 20 (or the whole training set where it is smaller), whatever ``ks`` holds,
+    so one report column never mixes protocols."""
+    ks, metrics = effective_ks(ks, len(train.label)), {}
     for pool in ("avg", "cls"):
         scores = knn_classify(train.get(pool), train.label, val.get(pool), num_classes, ks, temperature)
         for k, s in zip(ks, scores):
             for name, v in topk_accuracy(s, val.label).items():
                 metrics[f"{pool}_k{k}_{name}"] = round(v, 4)
-    headline = 20 if 20 in ks else ks[0]
+    headline = min(HEADLINE_K, len(train.label))
     metrics.update(top1=metrics[f"avg_k{headline}_top1"], top5=metrics[f"avg_k{headline}_top5"])
     return metrics

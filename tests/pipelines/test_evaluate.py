@@ -141,21 +141,29 @@ def test_pretrained_encoder_beats_random_init_in_knn_and_report_is_written(digit
     assert [(r["export"], r["step"]) for r in rows] == [(str(prefix / "random"), "0"), (str(prefix / "step300"), "300")]
     assert float(rows[1]["knn/top1"]) == m_pre["top1"] and "knn/cls_k100_top5" in rows[0]
     md = (prefix / "report.md").read_text().splitlines()
-    assert md[0] == "| export | step | knn/top1 | knn/top5 | knn/cls_k20_top1 |"
-    assert md[3].startswith(f"| step300 | 300 | {m_pre['top1']:.2f} |")
+    assert md[2] == "| export | step | knn/avg_k20_top1 | knn/avg_k20_top5 | knn/cls_k20_top1 |"  # named protocol
+    assert md[5].startswith(f"| step300 | 300 | {m_pre['top1']:.2f} |")
     with Image.open(prefix / "report.png") as png:
         assert png.format == "PNG" and png.size[0] > 300
         png.verify()
 
-    # `report` alone, elsewhere, once a linear probe result joins the knn ones
+    # `report` alone, elsewhere, once a linear probe result joins the knn ones; the README's recipe
+    # with the default probe batch (MAE's 16,384 was one step per epoch here: 29.7% top-1)
+    capsys.readouterr()
     assert main(["linprobe", "--train", digits["train"], "--val", digits["val"], str(prefix / "step300"),
-                 "--optimizer", "sgd", "--epochs", "30", "--probe-batch", "256", "--warmup-epochs", "3"]) == 0
+                 "--optimizer", "sgd", "--epochs", "30"]) == 0
+    assert "probe batch 188, not MAE's 16384: 1500 training samples" in capsys.readouterr().err
     probe = result(str(prefix / "step300"), "linprobe")
     assert probe["metrics"]["top1"] > 80, probe["metrics"]  # measured 95.6 (random init: 88.2); chance: 10
     assert probe["config"]["feature_cache"] == dict(train="hit", val="hit")  # knn's features, reused
+    p = probe["config"]["probe"]  # the hyper-parameters really used, not the encoder's batch
+    assert (p["batch"], p["steps_per_epoch"], p["steps"], p["epochs"], p["optimizer"]) == (188, 8, 240, 30, "sgd")
+    assert p["lr"] == pytest.approx(0.1 * 188 / 256) and p["batch_requested"] is None
+    assert probe["config"]["encoder_batch"] == 256 and "batch_size" not in probe["config"]
     assert main(["report", str(prefix), "--report", str(tmp_path / "rep")]) == 0
+    print(f"linear probe top1 (SGD, 30 epochs, default batch): {probe['metrics']['top1']:.1f}", file=sys.stderr)
     md = (tmp_path / "rep/report.md").read_text()
-    assert "linprobe/top1" in md.splitlines()[0] and f"{probe['metrics']['top1']:.2f}" in md
+    assert "linprobe/top1" in md.splitlines()[2] and f"{probe['metrics']['top1']:.2f}" in md
 
 
 def test_features_are_computed_once_and_cached(digits, tmp_path, capsys):
@@ -192,8 +200,9 @@ def test_linprobe_augment_runs_the_encoder_on_augmented_crops_per_epoch(digits, 
     cached = result(export, "linprobe")
     assert main([*args, "--augment"]) == 0
     augmented = result(export, "linprobe")
-    assert cached["metrics"]["steps"] == 2 * 3  # ceil(297 / 128) batches of cached features per epoch
-    assert augmented["metrics"]["steps"] == 2 * 2 and augmented["config"]["augment"]  # the train loader drops the last
+    assert cached["config"]["probe"]["steps"] == 2 * 3  # ceil(297 / 128) batches of cached features per epoch
+    assert augmented["config"]["probe"]["steps"] == 2 * 2  # the train loader drops the last
+    assert augmented["config"]["probe"]["augment"] and augmented["config"]["probe"]["batch"] == 128
     assert augmented["metrics"]["final_loss"] != cached["metrics"]["final_loss"]
 
 
@@ -213,10 +222,10 @@ def test_sweep_skips_existing_results_and_fans_out_by_index(digits, tmp_path, mo
     capsys.readouterr()
     assert main(args) == 0
     err = capsys.readouterr().err
-    assert "1 evaluated, 2 skipped" in err and "index 7 >= 3" not in err
+    assert "1 evaluated (0 stale results redone), 2 skipped" in err and "index 7 >= 3" not in err
     assert all(result(u) == r for u, r in before.items())  # untouched
     assert len(list(csv.DictReader((prefix / "report.csv").open()))) == 3
-    assert main([*args, "--force"]) == 0 and "3 evaluated, 0 skipped" in capsys.readouterr().err
+    assert main([*args, "--force"]) == 0 and "3 evaluated (0 stale results redone), 0 skipped" in capsys.readouterr().err
 
     (prefix / "c/model.safetensors").write_bytes(b"not safetensors")  # broken exports: counted, the sweep goes on
     (prefix / "d").mkdir()
@@ -225,7 +234,7 @@ def test_sweep_skips_existing_results_and_fans_out_by_index(digits, tmp_path, mo
     err = capsys.readouterr().err.splitlines()
     assert any(line.startswith(f"crossmae-eval: {c}: SafetensorError") for line in err), err
     assert any(line.startswith(f"crossmae-eval: {prefix / 'd'}: unreadable export") for line in err), err
-    assert "2 evaluated, 0 skipped (result exists; --force redoes), 2 failed" in err[-1]
+    assert "2 evaluated (0 stale results redone), 0 skipped (same data and protocol; --force redoes), 2 failed" in err[-1]
     assert "Traceback" not in "".join(err)
 
 
@@ -245,7 +254,7 @@ def test_exports_results_and_features_round_trip_through_s3(digits, tmp_path, s3
     with Image.open(io.BytesIO(storage.read_bytes(f"{prefix}/report.png"))) as png:
         assert png.format == "PNG"
     capsys.readouterr()
-    assert main(args) == 0 and "0 evaluated, 1 skipped" in capsys.readouterr().err
+    assert main(args) == 0 and "0 evaluated (0 stale results redone), 1 skipped" in capsys.readouterr().err
     assert main([*args, "--force"]) == 0 and result(export)["config"]["feature_cache"] == dict(train="hit", val="hit")
     local = tmp_path / "local"  # a local copy of the S3 results gives the same report rows
     assert main(["report", prefix, "--report", str(local)]) == 0

@@ -57,14 +57,15 @@ def make_export(dst: pathlib.Path, step: int = 0) -> tuple[dict, dict]:
     return tensors, config
 
 
-def run(args, nproc=None, timeout=300):
+def run(args, nproc=None, timeout=300, script=None):
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache/torch_extensions")))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())] \
         if nproc else []
-    proc = subprocess.run([sys.executable, *launcher, "-m", "pipelines.finetune", *args], cwd=ROOT, env=env,
+    entry = [str(script)] if script else ["-m", "pipelines.finetune"]
+    proc = subprocess.run([sys.executable, *launcher, *entry, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -102,6 +103,33 @@ def test_two_process_zero2_finetune_learns_and_writes_the_result(digits, tmp_pat
     assert ds["derived"]["lr_scales"] == pytest.approx([0.65 ** k for k in range(5, -1, -1)])
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == ["epoch0004"]  # newest only
     assert (out / "checkpoints/epoch0004/COMPLETE").exists()
+
+
+CHECKED = """
+import runpy, sys
+sys.path.insert(0, {root!r})
+from pipelines import distributed
+check = distributed.check_tensor_devices("meta")  # every collective of this rank, until it exits
+check.__enter__()  # (kept referenced: a dropped context manager's generator is closed, undoing the check)
+runpy.run_module("pipelines.finetune", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_two_process_eval_reduces_on_the_collective_device(digits, tmp_path):
+    """NCCL reduces only CUDA tensors ("No backend type associated with device type cpu"); gloo
+    takes CPU ones, so a CPU run never shows a collective handed a host tensor or issued
+    directly. Here each rank pretends its backend wants the meta device: a collective of ours
+    on another device, or one that bypasses pipelines.distributed, fails the run."""
+    export, out = tmp_path / "export", tmp_path / "run"
+    make_export(export)
+    script = tmp_path / "checked_finetune.py"
+    script.write_text(CHECKED.format(root=str(ROOT)))
+    run([str(export), f"data.train={digits['val']}", f"data.val={digits['val']}", *LIGHT, "optim.epochs=1",
+         "deepspeed.micro_batch=32", "deepspeed.zero_stage=0", f"run.output={out}", "run.save_every=0"],
+        nproc=2, script=script)  # ZeRO-0: DeepSpeed's own ZeRO collectives pass keyword tensors the check misreads
+    rows = epochs(out)
+    # the meta device carries no data, so rank 0's counts were not summed: the check was on
+    assert [r["epoch"] for r in rows] == [1] and 0 < rows[0]["eval_samples"] < 297, rows
 
 
 def test_plain_process_full_recipe_s3_export_and_resume(digits, tmp_path, s3_bucket):
