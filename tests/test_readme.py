@@ -142,7 +142,8 @@ class _Parsed(BaseException):  # BaseException: passes through the CLIs' `except
 
 def parse_only(target: str, argv: list[str]) -> tuple[str, argparse.Namespace]:
     """Run a module's main() (or a script, as __main__) until its argparse parser returns, and stop
-    there: exactly the CLI's own parser and dispatch (crossmae-eval finetune -> pipelines.finetune), no job."""
+    there: exactly the CLI's own parser and dispatch (crossmae-eval finetune -> pipelines.finetune), no job.
+    A program that worked before parsing its arguments would run here: entry points parse first."""
     if target.endswith(".py"):
         def main(args):
             with mock.patch.object(sys, "argv", [target, *args]):
@@ -255,7 +256,8 @@ def check(env: dict, argv: list[str], home: str) -> list:
         return check_deepspeed(shlex.split(printed)[1:])
     if tool == "make":
         proc = run_tool(["make", "-n", "-C", str(ROOT), *argv[1:]], ROOT, env)
-        return [cfg for line in proc.stdout.splitlines() if re.search(r"python3? -m (pipelines|data_prep)\.", line)
+        return [cfg for _, line in logical_lines(1, proc.stdout)  # the recipe's project commands, checked too
+                if re.search(r"python3? (-m (pipelines|data_prep)\.|benchmarks/\S+\.py)", line)
                 for e, a in simple_commands(line, home) for cfg in check(e, a, home)]
     if tool == "cp":
         if not os.path.exists(argv[-2]):
@@ -385,6 +387,7 @@ BROKEN = [  # each must be refused: the checks above can fail
     "python -m pipelines.no_such_module",
     "python benchmarks/loader_gpu.py --device cuda --workers four",
     "make no-such-target",
+    "make gpu-check GPU_CHECK_ARGS=--no-such-option",  # the recipe's command is parsed too
     "kubectl apply -f deploy/k8s/missing.yaml",
     'sbatch --wrap "crossmae-eval knn --train T s3://b/exports/r1"',
     "sbatch --export=ALL,CONFIG=deploy/configs/crossmae_vit_base_in1k.yaml deploy/slurm/pretrain.sbatch run.nope=1",
