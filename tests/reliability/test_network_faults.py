@@ -250,7 +250,7 @@ def test_checkpoint_saves_go_on_while_the_store_hangs(tmp_path, s3_env, s3_bucke
     assert err.count("gave up waiting after 1 s") == 2, err
     assert latest_direct(s3_env, s3_bucket) == {"tag": "step00000003", "step": 3}
     assert cp.mirror.not_mirrored == ["step00000002"] and cp.failures == 1, "replaced while waiting: counted"
-    assert proxy.injected["hang"] >= 2
+    assert proxy.injected["hang"] >= 1
     report(record_property, "checkpoint saves (Checkpointer) while every request hangs, then the store is back",
            proxy.total_faults, "time per save, stderr, latest after the store is back, failures",
            f"saves took {max(seconds):.1f} s at most (bound 1 s + save), said on stderr; the newest "
