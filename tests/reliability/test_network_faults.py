@@ -243,6 +243,9 @@ def test_checkpoint_saves_go_on_while_the_store_hangs(tmp_path, s3_env, s3_bucke
         t0 = time.monotonic()
         cp.save(FilesEngine(), step, {})
         seconds.append(time.monotonic() - t0)
+        deadline = time.monotonic() + 30
+        while not proxy.injected["hang"] and time.monotonic() < deadline:  # the upload thread's client
+            time.sleep(0.05)  # takes a while to build on a loaded box: saves 2 and 3 meet a hung store
     hung.clear()  # the store answers again
     cp.close(wait_s=60)
     err = capfd.readouterr().err
