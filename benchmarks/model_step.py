@@ -25,6 +25,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks._common import emit  # noqa: E402
@@ -82,13 +83,17 @@ def fusion_fast(dec, maps):
     return list(dec.project_kv(dec.contexts(maps)).unbind(0))
 
 
+def fusion_fast_recomputed(dec, maps):  # decoder.recompute_kv = True
+    return list(checkpoint(dec._contexts_kv, maps, use_reentrant=False).unbind(0))
+
+
 def compare_fusion(dec, args, device) -> dict:
     """Feature fusion + K/V projection for all decoder blocks, forward+backward, old vs new, on the
     13 ViT-B feature maps of the visible tokens (T = 1 + 49)."""
     torch.manual_seed(0)
     k = dec.feature_fusion.in_features
     maps = [torch.randn(args.batch, 50, 768, device=device, requires_grad=True) for _ in range(k)]
-    fns = {"per-block (old)": fusion_reference, "batched (new)": fusion_fast}
+    fns = {"per-block (old)": fusion_reference, "batched (new)": fusion_fast, "batched+recompute": fusion_fast_recomputed}
 
     def forward(fn):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
@@ -105,18 +110,33 @@ def compare_fusion(dec, args, device) -> dict:
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - t0)
     saved = {name: saved_bytes(lambda: forward(fn), dec)[0] for name, fn in fns.items()}
-    dec.zero_grad(set_to_none=True)
-    return {name: dict(ms=1e3 * statistics.median(t), ms_min=1e3 * min(t), saved_gib=saved[name] / 2**30)
+    rows = {name: dict(ms=1e3 * statistics.median(t), ms_min=1e3 * min(t), saved_gib=saved[name] / 2**30)
             for name, t in times.items()}
+
+    def bf16_forward(fn, batch):
+        small = [torch.randn(batch, 50, 768, device=device, requires_grad=True) for _ in range(k)]
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return fn(dec, small)
+
+    if args.estimate_batch:  # bf16, extrapolated from batches 1 and 2 like estimate_activation
+        for name, fn in fns.items():
+            one, two = (saved_bytes(lambda: bf16_forward(fn, b), dec)[0] for b in (1, 2))
+            rows[name]["saved_gib_bf16_estimate"] = (one + (two - one) * (args.estimate_batch - 1)) / 2**30
+
+    dec.zero_grad(set_to_none=True)
+    return rows
 
 
 def print_fusion(fusion: dict) -> None:
-    print("CrossMAE decoder, feature fusion + K/V projection of all 12 blocks, fwd+bwd:")
+    print("CrossMAE decoder, feature fusion + K/V projection of all 12 blocks, fwd+bwd "
+          "(saved = kept for backward, excluding the 13 maps the encoder keeps anyway):")
     for name, r in fusion.items():
-        print(f"  {name:16} {r['ms']:9.2f} ms (min {r['ms_min']:.2f})   saved {r['saved_gib']:.3f} GiB")
-    old, new = fusion.values()
-    print(f"  new / old: time {new['ms'] / old['ms']:.3f}x (min {new['ms_min'] / old['ms_min']:.3f}x), "
-          f"saved activations {new['saved_gib'] / old['saved_gib']:.3f}x")
+        est = f", bf16 at --estimate-batch {r['saved_gib_bf16_estimate']:.3f} GiB" if "saved_gib_bf16_estimate" in r else ""
+        print(f"  {name:18} {r['ms']:9.2f} ms (min {r['ms_min']:.2f})   saved {r['saved_gib']:.3f} GiB{est}")
+    old = next(iter(fusion.values()))
+    for name, r in list(fusion.items())[1:]:
+        print(f"  {name} / old: time {r['ms'] / old['ms']:.3f}x (min {r['ms_min'] / old['ms_min']:.3f}x), "
+              f"saved activations {r['saved_gib'] / old['saved_gib']:.3f}x")
 
 
 def estimate_activation(model, batch: int, device) -> float:

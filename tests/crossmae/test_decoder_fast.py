@@ -91,6 +91,26 @@ def test_fast_decoder_matches_per_block_reference(fuse, self_attn, checkpointing
         torch.testing.assert_close(g_fast, g_ref, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("fuse", [True, False])
+def test_recomputed_kv_matches_reference_and_saves_less(fuse):
+    """recompute_kv: fusion, norms and K/V are recomputed in backward, not saved."""
+    dec = small_decoder(fuse, False).train()
+    feats = encoder_features(fuse)
+    ids = torch.stack([torch.randperm(NUM_PATCHES)[:QUERIES] for _ in range(BATCH)])
+    saved = {}
+    for recompute in (False, True):
+        dec.recompute_kv = recompute
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            dec(feats, ids)
+        saved[recompute] = sum(sizes)
+    fast, ref, fast_grads, ref_grads = run_both(dec, feats, ids)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    for g_fast, g_ref in zip(fast_grads, ref_grads):
+        torch.testing.assert_close(g_fast, g_ref, atol=1e-5, rtol=1e-5)
+    assert saved[True] < saved[False]
+
+
 def test_fused_contexts_are_contiguous_per_block():
     dec = small_decoder(True, False)
     contexts = dec.contexts(encoder_features(True))
