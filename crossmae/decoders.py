@@ -127,8 +127,9 @@ class CrossDecoder(nn.Module):
         self.decoder_pred = nn.Linear(dim, patch_dim)
         self.grad_checkpointing = False
         # Recompute fusion, norms and K/V in backward instead of saving their inputs: at ViT-B
-        # batch 256 bf16 that saves ~0.9 GiB (13 maps bf16 + fused fp32 + contexts bf16) for one
-        # more (depth x k) GEMM, 12 norms and the K/V GEMM (~240 GFLOPs) per step.
+        # batch 256 bf16 that saves ~0.9 GiB on a GPU (13 maps bf16 + fused fp32 + contexts bf16;
+        # 0.70 GiB measured under CPU autocast, benchmarks/model_step.py) for one more fusion
+        # GEMM, 12 norms and the K/V GEMM (~240 GFLOPs) per step. Off by default.
         self.recompute_kv = False
 
     def reset_parameters(self) -> None:
