@@ -356,7 +356,7 @@ def describe(metric: str, r: dict) -> str:
         pool, _, k = metric.rpartition("_top")[0].partition("_k")
         return f"{prefix}k-NN top-{top}, k={k}, {POOL_NAMES.get(pool, pool)}"
     if job == "linprobe":
-        p = config.get("probe") or {}
+        p = config.get("probe") or config  # results before config.probe kept these at the top
         extra = f", {p['epochs']} epochs, {p['optimizer'].upper()}" if "epochs" in p else ""
         return f"{prefix}linear probe top-{top}, {POOL_NAMES.get(p.get('pool'), p.get('pool', '?'))}{extra}"
     if job == "finetune":
