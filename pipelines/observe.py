@@ -134,8 +134,10 @@ class RunMetrics:
     TensorBoard, reduced over ranks in ONE collective; the skipped-sample budget; the
     end-of-run summary line."""
 
-    def __init__(self, cfg, obs: Observer, loader, world: int, device: torch.device, flops_per_image: float):
+    def __init__(self, cfg, obs: Observer, loader, world: int, device: torch.device, flops_per_image: float,
+                 samples_per_epoch: int = 0):
         self.cfg, self.obs, self.loader, self.world, self.device = cfg, obs, loader, world, device
+        self.samples_per_epoch = samples_per_epoch
         self.flops_per_image, self.peak = flops_per_image, peak_tflops(cfg.run.peak_tflops)
         self.imgs_per_step = cfg.effective_batch(world)
         self.t_start = self.t_last = time.perf_counter()
@@ -194,9 +196,12 @@ class RunMetrics:
                           seconds=round(seconds, 4)))
         self.t_last, self.data_wait, self.window, self.losses = now, 0.0, 0, []
         limit = self.cfg.data.max_skipped_fraction
-        if seen_all and skipped_all / seen_all > limit:
-            raise DataLossError(f"{int(skipped_all)} of {int(seen_all)} samples ({skipped_all / seen_all:.1%}) were "
-                                f"damaged or undecodable and replaced, above data.max_skipped_fraction={limit:g}; "
+        drawn = skipped_all + seen_all  # samples_seen counts the good ones only
+        # the budget is a share of at least one epoch: one bad batch early on is not 1% of the data
+        if drawn and skipped_all / max(drawn, self.samples_per_epoch) > limit:
+            raise DataLossError(f"{int(skipped_all)} of {int(drawn)} samples drawn so far were "
+                                f"damaged or undecodable and replaced: more than data.max_skipped_fraction={limit:g} "
+                                f"of an epoch ({self.samples_per_epoch} samples); "
                                 "run `crossmae-prep verify` on the shards")
 
     def recon(self, step: int, module, fixed) -> None:
@@ -221,7 +226,7 @@ class RunMetrics:
         line = (f"crossmae-pretrain: done: step {step} ({self.steps_run} this run), final loss {loss}, "
                 f"{ips:.1f} img/s, checkpoint {where}")
         if skipped_all:
-            line += (f"; {int(skipped_all)} of {int(seen_all)} samples damaged and replaced "
+            line += (f"; {int(skipped_all)} of {int(skipped_all + seen_all)} samples damaged and replaced "
                      "(see the warnings above; `crossmae-prep verify` names the shards)")
         self.obs.message(line)
         self.obs.close()

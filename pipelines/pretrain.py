@@ -186,8 +186,7 @@ def train(cfg: PretrainConfig, resume: str = "auto") -> dict:
             if cfg.run.max_steps:
                 derived["max_steps"] = min(derived["max_steps"], cfg.run.max_steps)
         if rank == 0:
-            if hasattr(checkpointer, "restore_history"):
-                checkpointer.restore_history(step)  # metrics.jsonl etc. from the store on a fresh node
+            checkpointer.restore_history(step)  # metrics.jsonl etc. from the store on a fresh node
             ds_config = dict(deepspeed_config(cfg, world, on_gpu), **(plan.ds_config_patch if plan else {}))
             _write_run_files(cfg, ds_config, derived, world, precision, on_gpu)
             warning = short_run_warning(cfg, derived, step)
@@ -206,7 +205,8 @@ def _loop(cfg, engine, optimizer, loader, checkpointer, stop, derived, dtype, de
     batches = device_batches(_forever(loader), cfg.data.image_size, device, dtype, state_source=loader)
     obs = Observer(cfg.run.output, rank == 0, derived["max_steps"], step, cfg.run.tensorboard)
     metrics = RunMetrics(cfg, obs, batches, world, device,
-                         flops_per_image=3 * flops_per_image(engine.module.config, "pred")["total"])
+                         flops_per_image=3 * flops_per_image(engine.module.config, "pred")["total"],
+                         samples_per_epoch=derived["samples_per_epoch"])
     train_step = TrainStep(engine, cfg, device, dtype, rank, world, on_skip=metrics.skipped_step)
     keys_log = open(os.path.join(cfg.run.output, f"keys-rank{rank}.jsonl"), "a", buffering=1) if cfg.run.log_keys else None
     fixed = _fixed_batch(cfg, device)
@@ -243,7 +243,7 @@ def _run_steps(cfg, engine, optimizer, checkpointer, stop, derived, batches, met
         if stopped:
             metrics.obs.message(f"stop requested by a signal: checkpoint step{step:08d} saved; --resume auto continues")
             break
-    checkpointer.close()
+    checkpointer.close(wait_s=60 if stopped else None)  # preemption grace periods are short
     distributed.barrier()
     return dict(metrics.finish(step, checkpointer), step=step, stopped_by_signal=stopped)
 

@@ -9,8 +9,9 @@ import yaml
 from . import config as config_loader
 from . import distributed, storage
 
-# Settings a checkpoint's weights and loader position depend on: a resume must not change them.
-RESUME_FIXED = ("model.", "data.image_size")
+# Settings a checkpoint's weights, loader position and file layout depend on: a resume must not
+# change them (another world size is fine: pipelines/reshard.py converts).
+RESUME_FIXED = ("model.", "data.image_size", "deepspeed.zero_stage")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -78,6 +78,7 @@ class RunSection:
     peak_tflops: float | None = None  # per device, for MFU; None = looked up from the GPU name
     tensorboard: bool = True
     upload_wait_s: float = 120.0  # a save waits at most this long for the previous checkpoint's upload
+    close_wait_s: float = 900.0  # the end of a run waits this long for the last uploads (ViT-L ~4 GB: ~40 s at 100 MB/s)
 
 
 @dataclass
@@ -110,6 +111,7 @@ class PretrainConfig:
             (0.0 <= self.data.max_skipped_fraction <= 1.0,
              f"data.max_skipped_fraction must be in [0, 1], got {self.data.max_skipped_fraction}"),
             (self.run.upload_wait_s >= 0, f"run.upload_wait_s must be >= 0, got {self.run.upload_wait_s}"),
+            (self.run.close_wait_s >= 0, f"run.close_wait_s must be >= 0, got {self.run.close_wait_s}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -240,7 +240,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(manifest, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache/torch_extensions")))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "pipelines.pretrain", *ARGS, f"data.train={manifest}", f"run.output={out}", "run.max_steps=500",
+           "-m", "pipelines.pretrain", *ARGS, f"data.train={manifest}", "deepspeed.zero_stage=2", f"run.output={out}", "run.max_steps=500",
            "run.save_every=500"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -154,7 +154,8 @@ def test_trainer_trains_through_damaged_data_and_logs_the_counts(clean, tmp_path
     expected = damage(clean, tmp_path / "d")
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "pipelines.pretrain", *ARGS, f"data.train={tmp_path / 'd/train/manifest.json'}",
-           "data.num_workers=0", "data.block_size=16", f"run.output={out}", "run.max_steps=8", "run.save_every=8"]
+           "data.num_workers=0", "data.block_size=16", f"run.output={out}", "run.max_steps=8", "run.save_every=8",
+           "data.max_skipped_fraction=0.5"]  # deliberately damaged: above the 1% default the run would stop
     proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, **ENV), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
