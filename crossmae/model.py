@@ -34,6 +34,7 @@ class ModelConfig:
     fuse_use_input: bool = True  # the embedded input is one of the fused maps (13 maps for ViT-B)
     decoder_self_attn: bool = False  # ablation: self-attention among queries (CrossMAE only)
     norm_pix_loss: bool = True
+    recompute_kv: bool = False  # CrossMAE: recompute fusion + K/V in backward (~9% less activation memory)
 
     def __post_init__(self):
         if self.decoder not in ("cross", "mae"):
@@ -130,6 +131,7 @@ class MaskedAutoencoder(nn.Module):
                 c.num_patches, c.patch_dim, c.embed_dim, c.num_feature_maps, c.decoder_embed_dim,
                 c.decoder_depth, c.decoder_num_heads, c.mlp_ratio, c.fuse_features, c.decoder_self_attn,
             )
+            self.decoder.recompute_kv = c.recompute_kv
         else:
             self.decoder = MAEDecoder(
                 c.num_patches, c.patch_dim, c.embed_dim, c.decoder_embed_dim, c.decoder_depth,

@@ -129,3 +129,11 @@ def test_default_workers_fit_the_machine():
     cores = len(os.sched_getaffinity(0))
     assert default_num_workers(1) == max(1, min(16, cores - 1))
     assert default_num_workers(cores) == 1 and default_num_workers(64 * cores) == 1
+
+
+def test_recompute_kv_reaches_the_decoder():
+    from crossmae import MaskedAutoencoder
+
+    cfg = load(PretrainConfig, None, ["model.preset=crossmae_vit_micro_patch4_dec64d2b", "data.image_size=32",
+                                      "model.recompute_kv=true"])
+    assert MaskedAutoencoder(cfg.model_config()).decoder.recompute_kv is True
