@@ -69,7 +69,8 @@ def pretrained(digits, tmp_path_factory) -> MaskedAutoencoder:
                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache/torch_extensions")))
     cmd = [sys.executable, "-m", "pipelines.pretrain", f"model.preset={PRESET}", f"data.train={digits['train']}",
            "data.image_size=32", "data.num_workers=1", "deepspeed.micro_batch=32", "optim.lr=1e-3",
-           "optim.warmup_epochs=1", "optim.epochs=15", "run.max_steps=300", f"run.output={run}", "run.save_every=300"]
+           "optim.warmup_epochs=1", "optim.epochs=15", "run.max_steps=300", f"run.output={run}", "run.save_every=300",
+           "deepspeed.zero_stage=2"]  # zero_to_fp32 consolidates ZeRO 1-3 checkpoints (the default is now ZeRO-0)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     cfg = load(PretrainConfig, str(run / "config.yaml"))
