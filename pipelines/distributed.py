@@ -20,6 +20,7 @@ import torch
 
 _OPS = ("sum", "max", "min")
 _device_override: torch.device | None = None
+_env_check = None
 
 
 def _dist():
@@ -131,9 +132,11 @@ def _direct_caller() -> str | None:
 def install_device_check_from_env() -> None:
     """``CROSSMAE_CHECK_COLLECTIVES=meta`` (tests, in a launched trainer): check every
     collective of this process as :func:`check_tensor_devices` does, until it exits."""
+    global _env_check
     device = os.environ.get("CROSSMAE_CHECK_COLLECTIVES")
-    if device:
-        check_tensor_devices(device).__enter__()
+    if device and _env_check is None:
+        _env_check = check_tensor_devices(device)  # kept: a dropped context manager would undo itself
+        _env_check.__enter__()
 
 
 @contextmanager
@@ -149,7 +152,9 @@ def check_tensor_devices(device: torch.device | str):
     ours = os.path.abspath(__file__)
 
     def wrap(name, fn):
-        def checked(tensor, *args, **kwargs):
+        def checked(*args, **kwargs):
+            tensor = args[0] if args else next((kwargs[k] for k in ("tensor", "input_tensor", "output_tensor",
+                                                                     "tensor_list") if k in kwargs), None)
             caller = _direct_caller()
             if caller is not None and os.path.abspath(caller) != ours:
                 raise RuntimeError(f"{name} called directly from {os.path.relpath(caller, _PROJECT)}: "
@@ -161,7 +166,7 @@ def check_tensor_devices(device: torch.device | str):
                                        f"'No backend type associated with device type {t.device.type}')")
                 if t.device.type == "meta":
                     return None  # nothing to reduce on the pretend device
-            return fn(tensor, *args, **kwargs)
+            return fn(*args, **kwargs)
         return checked
 
     set_collective_device(device)

@@ -65,3 +65,25 @@ def test_no_process_group_is_a_world_of_one():
     assert distributed.all_reduce(torch.tensor([2.0])).tolist() == [2.0]
     assert distributed.broadcast_object({"a": 1}) == {"a": 1}
     assert distributed.all_gather_object(5) == [5]
+
+
+def test_the_env_switch_keeps_the_check_on_for_the_whole_process(world_of_one, monkeypatch):
+    """CROSSMAE_CHECK_COLLECTIVES=meta (what the trainer tests launch with) must stay active after
+    install returns: a dropped context manager would undo itself at once."""
+    import gc
+
+    monkeypatch.setenv("CROSSMAE_CHECK_COLLECTIVES", "meta")
+    original = dist.all_reduce
+    try:
+        distributed.install_device_check_from_env()
+        gc.collect()
+        assert distributed.collective_device().type == "meta"
+        with pytest.raises(RuntimeError, match="directly"):
+            dist.all_reduce(torch.tensor([1.0]))
+        with pytest.raises(RuntimeError, match="directly"):  # keyword arguments (as ZeRO calls it): no TypeError
+            dist.all_gather_into_tensor(output_tensor=torch.zeros(1), input_tensor=torch.ones(1))
+    finally:
+        if distributed._env_check is not None:
+            distributed._env_check.__exit__(None, None, None)
+            distributed._env_check = None
+    assert dist.all_reduce is original
