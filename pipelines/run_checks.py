@@ -36,9 +36,10 @@ def _saved_config(cfg) -> dict | None:
 
 
 def resume_config_differences(cfg, saved: dict) -> list[str]:
-    """``key: saved -> asked`` for every model / data setting that differs."""
+    """``key: saved -> asked`` for every model / data setting that differs. Keys the saved config
+    lacks (added to the project after that run started) are not differences."""
     now, before = _flatten(config_loader.to_dict(cfg)), _flatten(saved)
-    keys = sorted(k for k in set(now) | set(before) if k.startswith(RESUME_FIXED))
+    keys = sorted(k for k in before if k.startswith(RESUME_FIXED))
     return [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in keys if before.get(k) != now.get(k)]
 
 

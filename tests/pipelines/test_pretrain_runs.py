@@ -114,3 +114,19 @@ def test_damaged_shards_are_said_counted_and_bounded(manifest, tmp_path):
     strict = launch(damaged, tmp_path / "strict", "run.max_steps=16", "run.save_every=16", launcher="plain", expect=2)
     last = strict.stderr.strip().splitlines()[-1]
     assert last.startswith("crossmae-pretrain: error: ") and "data.max_skipped_fraction=0.01" in last
+
+
+def test_resuming_on_fewer_ranks_keeps_the_lr_curve_and_says_what_changed(manifest, tmp_path):
+    """2 ranks -> 1 rank without grad_accum: the effective batch halves. The lr schedule is kept
+    in samples, so the first resumed step has the lr the 2-rank run had at that sample count
+    (the per-step schedule jumped: 0.00053 -> 0.00091 in the report), and the change is printed."""
+    two, part = tmp_path / "two", tmp_path / "part"
+    launch(manifest, two, "run.max_steps=5", "run.save_every=5")
+    launch(manifest, part, "run.max_steps=3", "run.save_every=3")
+    proc = launch(manifest, part, "run.max_steps=5", "run.save_every=5", nproc=1)
+    assert "resume: effective batch 16 -> 8 (world size 2 -> 1)" in proc.stderr
+    assert "resume: the schedule continues in samples: 48 of 512 seen" in proc.stderr
+    lr_two = {r["step"]: r["lr"] for r in records(two)}
+    lr_one = {r["step"]: r["lr"] for r in records(part)}
+    assert lr_one[4] == pytest.approx(lr_two[4])  # both at sample 48
+    assert lr_one[5] > lr_two[5]  # 1 rank moves through the curve at half the samples per step

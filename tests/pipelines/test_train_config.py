@@ -137,3 +137,19 @@ def test_recompute_kv_reaches_the_decoder():
     cfg = load(PretrainConfig, None, ["model.preset=crossmae_vit_micro_patch4_dec64d2b", "data.image_size=32",
                                       "model.recompute_kv=true"])
     assert MaskedAutoencoder(cfg.model_config()).decoder.recompute_kv is True
+
+
+def test_resume_lines_name_the_changes():
+    from pipelines.run_checks import describe_schedule_change, resume_config_differences
+
+    cfg = load(PretrainConfig, None, ["deepspeed.micro_batch=8"])
+    derived = cfg.derived(1200, 1)
+    lines = describe_schedule_change(dict(effective_batch=16, world_size=2, lr=derived["lr"] * 2), derived, 160)
+    assert lines[0] == "resume: effective batch 16 -> 8 (world size 2 -> 1)" and "peak lr" in lines[1]
+    assert describe_schedule_change(dict(effective_batch=8), derived, 160) == []
+    saved = {"model": dict(vars(cfg.model), preset="mae_vit_base_patch16_dec512d8b"), "data": vars(cfg.data)}
+    assert resume_config_differences(cfg, saved) == [
+        "model.preset: 'mae_vit_base_patch16_dec512d8b' -> 'crossmae_vit_base_patch16_dec512d12b'"]
+    del saved["model"]["recompute_kv"]  # a run from before that key existed: not a difference
+    saved["model"]["preset"] = cfg.model.preset
+    assert resume_config_differences(cfg, saved) == []
