@@ -60,14 +60,14 @@ def test_summary_names_every_stage_with_rc_and_seconds(tmp_path):
 
 def test_failed_and_overtime_stages_are_recorded_and_the_rest_run(tmp_path):
     proc, summary, out = gpu_check(tmp_path, "--stages", "install,images,pretrain_1gpu", "--inject", "install:--bogus",
-                                   "--stage-timeout", "pretrain_1gpu=10")
+                                   "--stage-timeout", "pretrain_1gpu=3")  # below torch + DeepSpeed's import time alone
     assert proc.returncode == 1 and "FAILED" in proc.stderr
     stages = summary["stages"]
     assert stages["install"]["status"] == "failed" and stages["install"]["rc"] == 2
     assert "unrecognized arguments: --bogus" in stages["install"]["last_stderr"]
     assert stages["images"]["status"] == "ok"  # ran after the failure
     pretrain = stages["pretrain_1gpu"]
-    assert pretrain["status"] == "timeout" and pretrain["rc"] == 124 and 10 <= pretrain["seconds"] < 40, pretrain
+    assert pretrain["status"] == "timeout" and pretrain["rc"] == 124 and 3 <= pretrain["seconds"] < 30, pretrain
     assert summary["ok"] is False
     assert not processes_mentioning(str(tmp_path)), "a stage outlived its time box"
     assert "===== pretrain_1gpu stderr" in (out / "gpu_check.log").read_text()
