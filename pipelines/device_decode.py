@@ -54,6 +54,7 @@ from PIL import Image
 
 from .transforms import (MAE_RATIO, MAE_SCALE, Crop, DecodeError, _rng, batch_buffer, decode_box, decode_rgb,
                          image_size, normalize_batch, resize_on_device, resize_views, sample_box_flip)
+from .jpeg_header import frame_header
 from .prefetch import DevicePrefetcher  # noqa: F401 - part of this module's API
 
 _DEVICE_SOF = (0xC0, 0xC1)  # baseline, extended sequential Huffman: nvJPEG's batched (hardware) path
@@ -86,24 +87,10 @@ class EncodedCrop(Crop):
 
 
 def start_of_frame(data: bytes) -> tuple[int, int, int] | None:
-    """(SOF marker, sample precision, components) from a JPEG's marker walk, None if broken.
-    The walk is data_prep.images.jpeg_frame's; here the frame type matters (C2 = progressive)."""
-    i, n = 2, len(data)
-    while i + 4 <= n:
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-        elif 0xD0 <= marker <= 0xD8 or marker == 0x01:  # markers without a length
-            i += 2
-        elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOF0..SOF15
-            return (marker, data[i + 4], data[i + 9]) if i + 10 <= n else None
-        elif marker in (0xDA, 0xD9):  # scan or end before any frame
-            return None
-        else:
-            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
-    return None
+    """(SOF marker, sample precision, components), None if broken: the frame type matters here
+    (C2 = progressive)."""
+    frame = frame_header(data)
+    return None if frame is None else frame[:3]
 
 
 def device_decodable(data: bytes, colorspace: str | None) -> bool:
