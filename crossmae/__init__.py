@@ -1,11 +1,11 @@
 """CrossMAE model library: encoder, CrossMAE and MAE decoders, masking, loss, presets,
-FLOPs and checkpoint interop. No distributed code and no storage I/O live here."""
+FLOPs, checkpoint import and timm export. No distributed code and no storage I/O live here."""
 from .flops import flops_per_image
-from .interop import (CheckpointError, config_from_released, create_timm_encoder, export_encoder,
-                      import_released, load_into, load_timm, read_checkpoint, timm_config)
+from .interop import CheckpointError, config_from_released, import_released, load_into, read_checkpoint
 from .masking import PatchMasking, random_masking
 from .model import AutoencoderOutput, MaskedAutoencoder, ModelConfig, patchify, unpatchify
 from .presets import create_model, list_models, model_config
+from .timm_export import create_timm_encoder, export_encoder, load_timm, timm_config
 
 __all__ = [
     "AutoencoderOutput", "CheckpointError", "MaskedAutoencoder", "ModelConfig", "PatchMasking",

@@ -74,7 +74,7 @@ class Export:
     def encoder(self) -> torch.nn.Module:
         from safetensors.torch import load
 
-        from crossmae.interop import create_timm_encoder
+        from crossmae.timm_export import create_timm_encoder
 
         tensors = load(storage.read_bytes(storage.join(self.url, "model.safetensors")))
         model, missing = create_timm_encoder(self.config, tensors)

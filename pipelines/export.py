@@ -11,7 +11,7 @@ export is a directory ``OUT/<tag>/``:
 
     model.safetensors   encoder only, timm key names (crossmae.export_encoder)
     config.json         timm config: architecture, model_args, pretrained_cfg (eval preprocessing);
-                        crossmae.interop.load_timm(dir) loads the export strictly
+                        crossmae.timm_export.load_timm(dir) loads the export strictly
     full.safetensors    with --full: encoder + decoder, library key names (reconstruction demos)
     export.json         provenance, written LAST: its presence marks the export complete
 
@@ -25,7 +25,7 @@ export.json: source (checkpoint URL) and source_files (name: bytes), tag, step, 
 loader's epoch in progress) and epochs_done (fractional), zero_stage, world_size, preset,
 model_config (rebuilds the MaskedAutoencoder for full.safetensors), config_url / config_sha256
 (the run's resolved config.yaml), data_manifest {url, sha256, reason when null}, weights_sha256
-(crossmae.interop.tensors_sha256 of the encoder), files {name: sha256, bytes}, time, code_version.
+(crossmae.timm_export.tensors_sha256 of the encoder), files {name: sha256, bytes}, time, code_version.
 """
 from __future__ import annotations
 
@@ -243,7 +243,7 @@ def export_model(model, out: str, record: dict, full: bool = False) -> dict:
     from safetensors.torch import save
 
     from crossmae import export_encoder
-    from crossmae.interop import tensors_sha256
+    from crossmae.timm_export import tensors_sha256
 
     storage.delete(storage.join(out, "export.json"))  # from here on the directory is "incomplete"
     tensors, timm_cfg = export_encoder(model)
@@ -359,7 +359,7 @@ EXAMPLES = """examples:
 
 Each export OUT/<name>/ holds model.safetensors (encoder, timm names), config.json (timm),
 export.json (provenance, written last) and with --full full.safetensors (encoder + decoder).
-Load one in timm: crossmae.interop.load_timm(OUT/<name>)."""
+Load one in timm: crossmae.timm_export.load_timm(OUT/<name>)."""
 
 
 def build_parser(subcommand: str = "") -> _Parser:

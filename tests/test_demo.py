@@ -2,7 +2,7 @@
 pretraining -> every checkpoint exported (timm) -> k-NN report; locally and on S3."""
 import json
 
-from crossmae.interop import load_timm
+from crossmae.timm_export import load_timm
 import torch
 
 from pipelines import storage

@@ -12,7 +12,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_data_
 
 from crossmae import (CheckpointError, config_from_released, create_model, create_timm_encoder, export_encoder,
                       import_released, list_models, load_into, model_config, read_checkpoint, timm_config)
-from crossmae.interop import GENERIC_TIMM_VIT, library_to_released, load_timm, tensors_sha256
+from crossmae.interop import library_to_released
+from crossmae.timm_export import GENERIC_TIMM_VIT, load_timm, tensors_sha256
 from tests.conftest import smooth_images
 
 CROSS = "crossmae_vit_micro_patch4_dec64d2b"

@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors.torch import save
 
 from crossmae import MaskedAutoencoder, create_model
-from crossmae.interop import export_encoder
+from crossmae.timm_export import export_encoder
 from data_prep.cli import main as prep
 from pipelines import storage
 from pipelines.evaluate import main

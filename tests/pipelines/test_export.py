@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from crossmae import MaskedAutoencoder, ModelConfig, create_model, create_timm_encoder
-from crossmae.interop import library_to_released, tensors_sha256
+from crossmae.interop import library_to_released
+from crossmae.timm_export import tensors_sha256
 from pipelines import storage
 from pipelines.export import export_checkpoint, main
 from tests.conftest import smooth_images
