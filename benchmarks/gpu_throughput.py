@@ -63,7 +63,7 @@ def _measure(run, args, device) -> tuple[float, float]:
 
 def bench_trainer(cfg: PretrainConfig, args, device, batches) -> dict:
     engine, _, dtype = build_engine(cfg, 1, device)
-    step = TrainStep(engine, cfg, device, dtype, rank=0, world=1)
+    step = TrainStep(engine, cfg, device, rank=0, world=1)
     batches = device_batches(batches, cfg.data.image_size, device, dtype)  # as the trainer: one batch ahead
     counter = itertools.count()
 
@@ -73,7 +73,6 @@ def bench_trainer(cfg: PretrainConfig, args, device, batches) -> dict:
     seconds, wait = _measure(run, args, device)
     out = _result(engine.module.config, args, device, seconds, wait)
     batches.close()
-    del engine, step
     return out
 
 

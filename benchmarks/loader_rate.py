@@ -24,54 +24,26 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks._common import emit  # noqa: E402
 from pipelines import config as config_loader  # noqa: E402
 from pipelines.train_config import PretrainConfig  # noqa: E402
-from pipelines.transforms import MAETrainTransform, normalize_batch, resize_on_device  # noqa: E402
-from pipelines.wds_loader import StreamingLoader  # noqa: E402
+from pipelines.device_decode import batch_to_device  # noqa: E402
+from pipelines.pretrain import build_loader  # noqa: E402
 
 NOT_SUPPORTED_RC = 3
 
 
 class NotSupported(Exception):
-    """The checkout lacks what an override asks for (e.g. data.decode=gpu before it exists)."""
-
-
-def _trainer_functions():
-    """The trainer's own loader factory and batch -> model-input step, where this checkout has
-    them (pipelines/pretrain.py, pipelines/train_step.py); else None (older checkouts)."""
-    try:
-        from pipelines.pretrain import build_loader
-        from pipelines.train_step import batch_to_device
-    except ImportError:
-        return None, None
-    return build_loader, batch_to_device
-
-
-def make_loader(cfg: PretrainConfig, device: torch.device):
-    build_loader, _ = _trainer_functions()
-    if build_loader is not None:
-        return build_loader(cfg, 0, 1, device.type == "cuda")
-    if getattr(cfg.data, "decode", "cpu") != "cpu":
-        raise NotSupported("data.decode is accepted but this checkout has no pipelines.train_step")
-    return StreamingLoader.from_manifest(cfg.data.train, batch_size=cfg.deepspeed.micro_batch,
-                                         transform=MAETrainTransform(cfg.data.image_size, resize=cfg.data.resize),
-                                         num_workers=cfg.data.num_workers, seed=0, block_size=cfg.data.block_size,
-                                         pin_memory=device.type == "cuda")
+    """The loader refuses an option for this data (e.g. data.decode=gpu on FFCV)."""
 
 
 def device_images(batch: dict, cfg: PretrainConfig, device: torch.device, dtype) -> torch.Tensor:
     """A loader batch -> the model's input on the device, as the trainer does it."""
-    _, batch_to_device = _trainer_functions()
-    if batch_to_device is not None:
-        return batch_to_device(batch, cfg.data.image_size, device, dtype)
-    if cfg.data.resize == "device":
-        return resize_on_device(batch, cfg.data.image_size, device, dtype)
-    return normalize_batch(batch["image"], device, dtype)
+    return batch_to_device(batch, cfg.data.image_size, device, dtype)
 
 
 def measure(cfg: PretrainConfig, epochs: int, device: torch.device) -> dict:
     dtype = torch.float32  # the trainer's input under its default bf16 autocast (pipelines/train_step.py)
     try:
-        loader = make_loader(cfg, device)
-    except (ImportError, TypeError) as e:  # the config knows the option, the loader code does not (yet)
+        loader = build_loader(cfg, 0, 1, device.type == "cuda")  # the trainer's own loader
+    except ValueError as e:  # an option this data's format refuses
         raise NotSupported(f"{type(e).__name__}: {e}") from None
     rates, n = [], 0
     for epoch in range(epochs + 1):

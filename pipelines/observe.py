@@ -12,6 +12,8 @@ import time
 import numpy as np
 import torch
 
+from . import distributed
+
 # Dense bf16 tensor-core peaks per device (vendor datasheets, SXM parts; no sparsity).
 # MFU is reported against these; set run.peak_tflops for other parts or precisions.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0,
@@ -143,8 +145,7 @@ class RunMetrics:
         self.t_start = self.t_last = time.perf_counter()
         self.data_wait, self.window, self.losses = 0.0, 0, []
         self.steps_run = self.skipped_nonfinite = 0
-        self.last_loss = self.last_ips = None
-        self.warned_skips = 0
+        self.last_loss = None
 
     def skipped_step(self, step: int, ranks: int, in_row: int, total: int) -> None:
         self.skipped_nonfinite = total
@@ -152,19 +153,12 @@ class RunMetrics:
                          f"({in_row} in a row, {total} in total)")
 
     def _loader_counts(self) -> tuple[int, int]:
-        stats = getattr(self.loader, "stats", {}) or {}
-        skipped = sum(v for k, v in stats.items() if k != "samples")
-        seen = getattr(self.loader, "samples_seen", None)
-        if seen is None and hasattr(self.loader, "state_dict"):  # a prefetcher: the loader's state
-            try:
-                seen = self.loader.state_dict().get("samples_seen")
-            except ValueError:
-                seen = None
-        return skipped, seen or stats.get("samples", 0)
+        """(replaced, good) samples so far: the loader's counts as of the last batch trained on
+        (``self.loader`` is the trainer's prefetcher, one batch ahead of the loader itself)."""
+        skipped = sum(v for k, v in self.loader.stats.items() if k != "samples")
+        return skipped, self.loader.state_dict().get("samples_seen", 0)
 
     def step(self, step: int, result, lr: float, engine) -> None:
-        from . import distributed
-
         self.steps_run += 1
         self.window += 1
         self.data_wait += result.data_wait
@@ -181,10 +175,9 @@ class RunMetrics:
         skipped_all, seen_all = distributed.all_reduce_values([skipped, seen])
         share_max = distributed.all_reduce(torch.tensor([share], dtype=torch.float64), op="max").item()
         ips = self.window * self.imgs_per_step / seconds
-        self.last_ips = ips
         grad_norm = engine.get_global_grad_norm()
-        stats = getattr(self.loader, "stats", {}) or {}
-        self.obs.log(dict(step=step, epoch=getattr(self.loader, "epoch", None), loss=sum(self.losses) / len(self.losses),
+        stats = self.loader.stats
+        self.obs.log(dict(step=step, epoch=self.loader.epoch, loss=sum(self.losses) / len(self.losses),
                           lr=lr, grad_norm=None if grad_norm is None else float(grad_norm),
                           images_per_s=round(ips, 2), images_per_s_per_rank=round(ips / self.world, 2),
                           data_wait_share=round(share, 4), data_wait_share_max=round(share_max, 4),
@@ -207,15 +200,9 @@ class RunMetrics:
     def recon(self, step: int, module, fixed) -> None:
         from crossmae.visualize import reconstruction_grid
 
-        try:
-            grid = reconstruction_grid(module, *fixed, title=f"step {step}")
-        except TypeError:  # an older grid without titles
-            grid = reconstruction_grid(module, *fixed)
-        self.obs.recon(step, grid)
+        self.obs.recon(step, reconstruction_grid(module, *fixed, title=f"step {step}"))
 
     def finish(self, step: int, checkpointer) -> dict:
-        from . import distributed
-
         skipped, seen = self._loader_counts()
         skipped_all, seen_all = distributed.all_reduce_values([skipped, seen])
         seconds = time.perf_counter() - self.t_start

@@ -81,47 +81,27 @@ class _StopRequest:
             signal.signal(s, handler)
 
 
-def train_transform(cfg: PretrainConfig):
-    """The per-sample training transform for ``data.resize`` / ``data.decode``."""
-    from .transforms import MAETrainTransform
-
-    if cfg.data.decode == "gpu":  # workers read headers and draw boxes; the device decodes (device_decode.py)
-        return MAETrainTransform(cfg.data.image_size, decode="gpu")
-    return MAETrainTransform(cfg.data.image_size, resize=cfg.data.resize)
-
-
-def build_loader(cfg: PretrainConfig, rank: int, world: int, on_gpu: bool):
-    """The training loader: WebDataset shards (a manifest or a brace pattern) stream with exact
-    elastic resume; an FFCV manifest goes through the loader factory (pipelines/loaders.py)."""
-    from .loaders import LoaderConfig, build_loader as factory
-    from .wds_loader import StreamingLoader
+def loader_config(cfg: PretrainConfig, world: int, on_gpu: bool, **overrides):
+    """The loader factory's settings for this run (pipelines/loaders.py: WebDataset manifest or
+    brace pattern, or an FFCV manifest staged into the run directory)."""
+    from .loaders import LoaderConfig
 
     workers = cfg.data.num_workers
     if workers is None:
         workers = default_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-    if cfg.data.train.endswith(".json"):
-        try:
-            manifest = json.loads(storage.read_bytes(cfg.data.train))
-        except ValueError:
-            manifest = None  # StreamingLoader.from_manifest names the problem
-        if isinstance(manifest, dict) and manifest.get("format") == "ffcv":
-            if cfg.data.decode != "cpu" or cfg.data.resize != "cpu":
-                raise config_loader.ConfigError("data.decode=gpu / data.resize=device need WebDataset shards "
-                                                "(FFCV decodes and resizes in its own CPU pipeline)")
-            return factory(LoaderConfig(cfg.data.train, batch_size=cfg.deepspeed.micro_batch, num_workers=workers,
-                                        seed=cfg.run.seed, image_size=cfg.data.image_size, block_size=cfg.data.block_size,
-                                        cache_dir=os.path.join(cfg.run.output, "ffcv-cache"), pin_memory=on_gpu),
-                           train=True, rank=rank, world_size=world)
-        return StreamingLoader.from_manifest(
-            cfg.data.train, batch_size=cfg.deepspeed.micro_batch, transform=train_transform(cfg), rank=rank,
-            world_size=world, num_workers=workers, seed=cfg.run.seed, block_size=cfg.data.block_size,
-            cache_dir=cfg.data.shard_cache_dir, cache_bytes=cfg.data.shard_cache_bytes, pin_memory=on_gpu)
-    from .wds_loader import ShardList
+    settings = dict(manifest=cfg.data.train, batch_size=cfg.deepspeed.micro_batch, num_workers=workers,
+                    seed=cfg.run.seed, image_size=cfg.data.image_size, block_size=cfg.data.block_size,
+                    resize=cfg.data.resize, decode=cfg.data.decode, cache_dir=os.path.join(cfg.run.output, "ffcv-cache"),
+                    shard_cache_dir=cfg.data.shard_cache_dir, shard_cache_bytes=cfg.data.shard_cache_bytes,
+                    pin_memory=on_gpu)
+    return LoaderConfig(**dict(settings, **overrides))
 
-    return StreamingLoader(ShardList.from_spec(cfg.data.train), batch_size=cfg.deepspeed.micro_batch,
-                           transform=train_transform(cfg), rank=rank, world_size=world, num_workers=workers,
-                           seed=cfg.run.seed, block_size=cfg.data.block_size, cache_dir=cfg.data.shard_cache_dir,
-                           cache_bytes=cfg.data.shard_cache_bytes, pin_memory=on_gpu)
+
+def build_loader(cfg: PretrainConfig, rank: int, world: int, on_gpu: bool):
+    """The training loader of this rank, with exact elastic resume."""
+    from .loaders import build_loader as factory
+
+    return factory(loader_config(cfg, world, on_gpu), train=True, rank=rank, world_size=world)
 
 
 def _fixed_batch(cfg: PretrainConfig, device) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -129,14 +109,15 @@ def _fixed_batch(cfg: PretrainConfig, device) -> tuple[torch.Tensor, torch.Tenso
     masking noise: the same on every rank and at every grid, so grids compare across steps."""
     if not cfg.run.recon_every:
         return None
-    from .loaders import EvalTransform
+    from .loaders import build_loader as factory
     from .transforms import normalize_batch
-    from .wds_loader import StreamingLoader
 
-    loader = StreamingLoader.from_manifest(cfg.data.train, batch_size=cfg.run.recon_images,
-                                           transform=EvalTransform(cfg.data.image_size), num_workers=0,
-                                           seed=cfg.run.seed, block_size=cfg.run.recon_images)
-    batch = next(iter(loader))
+    loader = factory(loader_config(cfg, 1, False, batch_size=cfg.run.recon_images, num_workers=0,
+                                   block_size=cfg.run.recon_images), train=False)
+    try:
+        batch = next(iter(loader))
+    finally:
+        loader.close()
     imgs = normalize_batch(batch["image"], device, torch.float32)
     noise = torch.rand(imgs.shape[0], cfg.model_config().num_patches, generator=torch.Generator().manual_seed(cfg.run.seed + 1))
     return imgs, noise.to(device)
@@ -207,7 +188,7 @@ def _loop(cfg, engine, optimizer, loader, checkpointer, stop, derived, dtype, de
     metrics = RunMetrics(cfg, obs, batches, world, device,
                          flops_per_image=3 * flops_per_image(engine.module.config, "pred")["total"],
                          samples_per_epoch=derived["samples_per_epoch"])
-    train_step = TrainStep(engine, cfg, device, dtype, rank, world, on_skip=metrics.skipped_step)
+    train_step = TrainStep(engine, cfg, device, rank, world, on_skip=metrics.skipped_step)
     keys_log = open(os.path.join(cfg.run.output, f"keys-rank{rank}.jsonl"), "a", buffering=1) if cfg.run.log_keys else None
     fixed = _fixed_batch(cfg, device)
     try:

@@ -98,9 +98,8 @@ class TrainStep:
     """``step(step, batches, stop_requested)`` runs one optimizer step on ``engine``;
     ``batches`` yields (batch, images on the device) pairs (:func:`device_batches`)."""
 
-    def __init__(self, engine, cfg: PretrainConfig, device: torch.device, dtype: torch.dtype, rank: int, world: int,
-                 on_skip=None):
-        self.engine, self.cfg, self.device, self.dtype = engine, cfg, device, dtype
+    def __init__(self, engine, cfg: PretrainConfig, device: torch.device, rank: int, world: int, on_skip=None):
+        self.engine, self.cfg, self.device = engine, cfg, device
         self.rank, self.world = rank, world
         self.num_patches = engine.module.config.num_patches
         self.faults = injected_faults()

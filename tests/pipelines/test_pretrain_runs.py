@@ -87,7 +87,8 @@ def test_pretraining_on_ffcv_data_trains_and_resumes(tmp_path):
                  "--ffcv-max-resolution", "48"]) == 0
     manifest = str(tmp_path / "ffcv/train/manifest.json")
     out = tmp_path / "run"
-    launch(manifest, out, "run.max_steps=2", "run.save_every=2", "data.num_workers=1", launcher="plain")
+    launch(manifest, out, "run.max_steps=2", "run.save_every=2", "data.num_workers=1", "run.recon_every=2",
+           launcher="plain")  # the grid's fixed batch comes from the FFCV data too
     proc = launch(manifest, out, "run.max_steps=4", "run.save_every=2", "data.num_workers=1", launcher="plain")
     assert "resumed from step00000002 at step 2" in proc.stderr
     assert [r["step"] for r in records(out)] == [1, 2, 3, 4] and all(r["loss"] > 0 for r in records(out))
