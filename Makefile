@@ -11,17 +11,17 @@ SYSTEM_TORCH ?= 0
 # Optional extras installed by setup; `make setup EXTRAS=dev` skips FFCV (and its Debian packages).
 EXTRAS ?= dev,ffcv,demo
 # FFCV 1.0.2 compiles against these at pip-install time (without them: "Could not find required package: opencv4").
-DEB_PKGS := libturbojpeg0-dev libopencv-dev pkg-config
+DEB_PKGS := libturbojpeg0-dev libopencv-dev pkg-config libjpeg62-turbo-dev
 export OMP_NUM_THREADS ?= 2
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 # The venv's tools first (its `ninja` builds DeepSpeed's CPU op; two ninjas would rebuild it in turns).
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # Debian packages for the tests: shellcheck lints deploy/ scripts (tests skip it, saying so, if absent).
-DEV_DEB_PKGS := shellcheck
+DEV_DEB_PKGS := shellcheck slurm-wlm munge iproute2
 
 .PHONY: setup test demo bench clean
 
-$(VENV)/.installed: pyproject.toml requirements/pins.txt
+$(VENV)/.installed: pyproject.toml requirements/pins.txt setup.py pipelines/data/_crop_decode.c
 	@set -e; \
 	if echo "$(EXTRAS)" | grep -q ffcv && ! dpkg -s $(DEB_PKGS) >/dev/null 2>&1; then \
 	  echo "installing Debian packages for FFCV: $(DEB_PKGS)"; \
