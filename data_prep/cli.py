@@ -7,6 +7,9 @@
 
 Options are checked before anything is read or written (one stderr line, exit 2): sizes and
 counts > 0, qualities 1..100, split names plain (no paths), the destination outside the source.
+A destination another crossmae-prep is writing to, or a manifest naming a shard outside its
+folder, is exit 2 too; an error of the OS, the network or a library is one line naming the file
+or URL and the cause (exit 1).
 
 Multi-machine: every worker runs the same command with --num-workers M --worker-index I
 (defaults from JOB_COMPLETION_INDEX / SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT or
@@ -19,13 +22,17 @@ import json
 import os
 import re
 import sys
+import tarfile
+import traceback
 import urllib.parse
 
-from pipelines import storage
+from pipelines.shard_names import ShardNameError
 
-from .plan import workers_from_env
+from .errors import PrepError, UsageError, describe
 from .ffcv_out import FFCVOptions
-from .prep import PrepError, PrepOptions, finalize, prepare_ffcv, prepare_split, prepared_splits, verify
+from .lock import DestinationLock
+from .plan import workers_from_env
+from .prep import PrepOptions, finalize, prepare_ffcv, prepare_split, prepared_splits, verify
 from .shards import ImageOptions
 from .sources import SourceError, list_image_folder, list_imagenet
 
@@ -110,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--worker-index", type=_int_in(0), default=None,
                        help="this machine's index 0..num-workers-1 (default: from the environment, else 0)")
         p.add_argument("--summary-json", help="also write the summary here (local path)")
+        p.add_argument("--follow-links", action="store_true",
+                       help="read symbolic links that stay inside the source, each file once (default: links are "
+                            "not followed, only counted and named)")
 
     p = sub.add_parser("imagenet", help="ImageNet: extracted tree or the original archives")
     shard_args(p)
@@ -169,6 +179,29 @@ def _door_problem(args) -> str | None:
     return None
 
 
+def _warn_listing(listing, args) -> None:
+    """Listing-time findings a user must see before the shards are written: links left out and
+    classes without an image (worker 0 only: every worker lists the same source)."""
+    d, split = listing.description, listing.split
+    if args.worker_index != 0:
+        return
+    if d["num_ignored_links"]:
+        links = d["ignored_links"]
+        named = ", ".join(f"{r['path']} -> {r['target']} ({r['reason']})" for r in links[:3])
+        more = f" and {d['num_ignored_links'] - 3} more" if d["num_ignored_links"] > 3 else ""
+        print(f"crossmae-prep: warning: {split}: {d['num_ignored_links']} link(s) left out: {named}{more} "
+              f"(all in manifest.json source.ignored_links"
+              + ("" if args.follow_links else "; --follow-links reads links that stay inside the source") + ")",
+              file=sys.stderr)
+    if d["empty_classes"]:
+        index = {c: i for i, c in enumerate(listing.classes)}
+        named = ", ".join(f"{c!r} (index {index[c]})" for c in d["empty_classes"][:5])
+        more = f" and {len(d['empty_classes']) - 5} more" if len(d["empty_classes"]) > 5 else ""
+        print(f"crossmae-prep: warning: {split}: {len(d['empty_classes'])} class(es) without a usable image: "
+              f"{named}{more}; kept in the class map, so every class keeps the index of its sorted name "
+              "(all in manifest.json source.empty_classes)", file=sys.stderr)
+
+
 def _say(split: str, res: dict, args) -> None:
     """The split's one summary line on stderr: everything written, skipped, changed or left out."""
     if res.get("complete") and not res["written_shards"]:
@@ -195,8 +228,9 @@ def _prepare(args) -> dict:
                        processes=args.processes, num_workers=args.num_workers, worker_index=args.worker_index)
     results = []
     for split in args.splits:
-        listing = (list_imagenet(args.src, split) if args.command == "imagenet"
-                   else list_image_folder(args.src, split))
+        listing = (list_imagenet(args.src, split, args.follow_links) if args.command == "imagenet"
+                   else list_image_folder(args.src, split, follow_links=args.follow_links))
+        _warn_listing(listing, args)
         if args.format == "ffcv":
             res = prepare_ffcv(listing, args.dst, opts, FFCVOptions(args.ffcv_write_mode, args.ffcv_max_resolution,
                                                                     args.ffcv_quality))
@@ -246,23 +280,38 @@ def run(argv: list[str] | None = None) -> dict:
     problem = _door_problem(args)
     if problem:
         parser.error(problem)
-    out = (_prepare(args) if args.command in ("imagenet", "folder")
-           else _finalize(args) if args.command == "finalize" else _verify(args))
-    if getattr(args, "summary_json", None):
-        with open(args.summary_json, "w") as f:
-            json.dump(out, f, indent=1)
+    if args.command == "verify":  # reads only: no lock
+        return _verify(args)
+    writes = args.command in ("imagenet", "folder")
+    lock = DestinationLock(args.dst, "write" if writes else "finalize", args.splits,
+                           getattr(args, "num_workers", 1), getattr(args, "worker_index", 0), args.command)
+    with lock:  # held to the end, the summary file included
+        out = _prepare(args) if writes else _finalize(args)
+        if getattr(args, "summary_json", None):
+            try:
+                with open(args.summary_json, "w") as f:
+                    json.dump(out, f, indent=1)
+            except OSError as e:
+                raise PrepError(describe(e, args.summary_json)) from None
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         out = run(argv)
-    except (SourceError, PrepError, storage.StorageError, OSError, ValueError) as e:
+    except (UsageError, ShardNameError) as e:  # a busy destination, a manifest naming a shard outside its folder
         print(f"crossmae-prep: error: {e}", file=sys.stderr)
+        return 2
+    except (SourceError, PrepError, OSError, ValueError, MemoryError, EOFError, ImportError, tarfile.TarError) as e:
+        print(f"crossmae-prep: error: {describe(e)}", file=sys.stderr)  # the OS's, the network's, a library's
         return 1
     except KeyboardInterrupt:
         print("crossmae-prep: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - a bug: the traceback, then the error as the last line
+        traceback.print_exc()
+        print(f"crossmae-prep: error: internal error {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     print(json.dumps(out))
     return 0 if out.get("ok", True) else 1
 

@@ -18,20 +18,20 @@ import multiprocessing as mp
 import sys
 import time
 import urllib.parse
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 
 from tqdm import tqdm
 
 from pipelines import storage
+from pipelines.shard_names import ShardNameError, shard_url
 
+from .errors import PrepError, as_prep_error
 from .plan import Shard, make_plan, plan_digest, worker_slice
 from .shards import ImageOptions, write_shard
 from .sources import SourceListing, read_item
-
-
-class PrepError(RuntimeError):
-    """A data-prep failure the user can act on (one line)."""
 
 
 @dataclass(frozen=True)
@@ -52,11 +52,23 @@ def tool_version() -> str:
         return "unknown"
 
 
-def _json(url: str) -> dict | None:
+def _json(url: str, damaged_is_missing: bool = False) -> dict | None:
+    """The JSON object at ``url``; None when it does not exist (or, with ``damaged_is_missing``,
+    is not a JSON object: a part record that is redone rather than trusted)."""
     try:
-        return json.loads(storage.read_bytes(url))
+        obj = json.loads(storage.read_bytes(url))
     except FileNotFoundError:
         return None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        if damaged_is_missing:
+            return None
+        raise PrepError(f"{url}: damaged, not JSON ({e}); delete it to redo that step") from None
+    if not isinstance(obj, dict):
+        if damaged_is_missing:
+            return None
+        raise PrepError(f"{url}: damaged, a JSON {type(obj).__name__} instead of an object; "
+                        "delete it to redo that step")
+    return obj
 
 
 def _put_json(url: str, obj: dict) -> None:
@@ -64,22 +76,42 @@ def _put_json(url: str, obj: dict) -> None:
 
 
 def _is_done(split_url: str, shard: Shard, digest: str) -> bool:
-    part = _json(storage.join(split_url, "_parts", shard.name + ".json"))
+    part = _json(storage.join(split_url, "_parts", shard.name + ".json"), damaged_is_missing=True)
     if not part or part.get("plan_digest") != digest:
         return False
     try:
-        return storage.size(storage.join(split_url, shard.name)) == part["bytes"]
+        return storage.size(storage.join(split_url, shard.name)) == part.get("bytes")
     except FileNotFoundError:
         return False
 
 
 def _write_one(args) -> dict:
     split_url, shard, items, digest, image_opts = args
-    storage.remove_partial_writes(storage.join(split_url, shard.name))  # a killed earlier attempt's leftovers
-    record = write_shard(storage.join(split_url, shard.name), items, read_item, image_opts)
-    record.update(name=shard.name, index=shard.index, plan_digest=digest)
-    _put_json(storage.join(split_url, "_parts", shard.name + ".json"), record)  # only after the shard is durable
+    url = storage.join(split_url, shard.name)
+    try:
+        storage.remove_partial_writes(url)  # a killed earlier attempt's leftovers
+        record = write_shard(url, items, read_item, image_opts)
+        record.update(name=shard.name, index=shard.index, plan_digest=digest)
+        _put_json(storage.join(split_url, "_parts", shard.name + ".json"), record)  # only after the shard is durable
+    except (OSError, MemoryError) as e:  # a write to the open shard names no file: say which one
+        raise as_prep_error(e, url) from None
     return record
+
+
+def _write_parallel(jobs: list, processes: int, split_url: str):
+    """Shard records as the processes finish them. A process the OS kills (out of memory, a
+    signal) is an error at once: multiprocessing.Pool would wait for its result forever."""
+    with ProcessPoolExecutor(min(processes, len(jobs)), mp_context=mp.get_context("fork")) as pool:
+        futures = [pool.submit(_write_one, job) for job in jobs]
+        try:
+            for done in as_completed(futures):
+                yield done.result()
+        except BrokenProcessPool:
+            raise PrepError(f"a crossmae-prep process writing shards of {split_url} died (killed by the OS: "
+                            "out of memory? or by a signal); re-run the same command to resume") from None
+        finally:
+            for f in futures:
+                f.cancel()
 
 
 def prepare_split(listing: SourceListing, dst: str, opts: PrepOptions, progress: bool | None = None) -> dict:
@@ -109,16 +141,10 @@ def prepare_split(listing: SourceListing, dst: str, opts: PrepOptions, progress:
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=sum(len(s.items) for s in todo), unit="img", desc=f"{listing.split}", disable=not show)
     records = []
-    if opts.processes > 1 and len(jobs) > 1:
-        with mp.get_context("fork").Pool(min(opts.processes, len(jobs))) as pool:
-            for rec in pool.imap_unordered(_write_one, jobs):
-                records.append(rec)
-                bar.update(sum(rec["status"].values()))
-    else:
-        for job in jobs:
-            rec = _write_one(job)
-            records.append(rec)
-            bar.update(sum(rec["status"].values()))
+    parallel = opts.processes > 1 and len(jobs) > 1
+    for rec in _write_parallel(jobs, opts.processes, split_url) if parallel else map(_write_one, jobs):
+        records.append(rec)
+        bar.update(sum(rec["status"].values()))
     bar.close()
     summary = dict(split=listing.split, planned_shards=len(shards), worker_shards=len(mine),
                    skipped_shards=len(mine) - len(todo), written_shards=len(records),
@@ -138,22 +164,29 @@ def prepare_split(listing: SourceListing, dst: str, opts: PrepOptions, progress:
 def finalize(dst: str, split: str) -> dict:
     """Assemble ``manifest.json`` from the plan and every part record; fail naming what is missing."""
     split_url = storage.join(dst, split)
-    plan = _json(storage.join(split_url, "_plan.json"))
+    plan_url = storage.join(split_url, "_plan.json")
+    plan = _json(plan_url)
     if plan is None:
         raise PrepError(f"no _plan.json under {split_url}: nothing was prepared there")
-    shards, missing = [], []
-    for s in plan["shards"]:
-        part = _json(storage.join(split_url, "_parts", s["name"] + ".json"))
-        if not part or part.get("plan_digest") != plan["plan_digest"]:
-            missing.append(s["name"])
-        else:
-            shards.append(part)
-    if missing:
-        raise PrepError(f"{len(missing)} of {len(plan['shards'])} shards of {split_url} are not finished "
-                        f"(first: {missing[0]}); run the missing workers, then finalize again")
-    rejects = list(plan["listing_rejects"]) + [r for p in shards for r in p["rejects"]]
-    return write_manifest(split_url, "webdataset", plan, shards, rejects, [c for p in shards for c in p["converted"]],
-                          sum(p.get("num_resized", 0) for p in shards))
+    try:
+        names = [s["name"] for s in plan["shards"]]
+        shards, missing = [], []
+        for name in names:
+            shard_url(plan_url, name)  # the manifest will list it: it must stay inside the split's folder
+            part = _json(storage.join(split_url, "_parts", name + ".json"), damaged_is_missing=True)
+            if not part or part.get("plan_digest") != plan["plan_digest"] or part.get("name") != name:
+                missing.append(name)
+            else:
+                shards.append(part)
+        if missing:
+            raise PrepError(f"{len(missing)} of {len(names)} shards of {split_url} are not finished "
+                            f"(first: {missing[0]}); run the missing workers, then finalize again")
+        rejects = list(plan["listing_rejects"]) + [r for p in shards for r in p["rejects"]]
+        return write_manifest(split_url, "webdataset", plan, shards, rejects,
+                              [c for p in shards for c in p["converted"]], sum(p.get("num_resized", 0) for p in shards))
+    except (KeyError, TypeError, AttributeError) as e:  # a record of another version, or edited by hand
+        raise PrepError(f"{split_url}: damaged _plan.json or part record ({type(e).__name__}: {e}); "
+                        "re-run the prep command to rewrite them") from None
 
 
 def write_manifest(split_url: str, fmt: str, plan: dict, shards: list[dict], rejects: list, converted: list,
@@ -189,7 +222,13 @@ def prepare_ffcv(listing: SourceListing, dst: str, opts: PrepOptions, ffcv_opts)
             return dict(split=listing.split, written_shards=0, skipped_shards=1, complete=True)
         raise PrepError(f"{split_url} already holds a finished dataset made with other inputs or options; "
                         "choose another destination")
-    rec = write_ffcv_split(listing, dst, opts.seed, opts.image.validate, ffcv_opts, opts.processes)
+    try:
+        rec = write_ffcv_split(listing, dst, opts.seed, opts.image.validate, ffcv_opts, opts.processes)
+    except ImportError as e:
+        raise PrepError(f"--format ffcv needs the ffcv package, not installed here ({e}): "
+                        "pip install 'crossmae-pipeline[ffcv]'") from None
+    except (OSError, MemoryError) as e:  # FFCV writes a local temp file, then uploads it
+        raise as_prep_error(e, storage.join(split_url, f"{listing.split}.beton")) from None
     plan = dict(split=listing.split, plan_digest=rec["plan_digest"], options=rec["options"],
                 classes=listing.classes, source=listing.description, tool=dict(name="crossmae-prep",
                 version=tool_version()))
@@ -215,13 +254,21 @@ def verify(dst: str, split: str, progress: bool | None = None) -> dict:
     import hashlib
 
     split_url = storage.join(dst, split)
-    manifest = _json(storage.join(split_url, "manifest.json"))
+    manifest_url = storage.join(split_url, "manifest.json")
+    manifest = _json(manifest_url)
     if manifest is None:
         raise PrepError(f"no manifest.json under {split_url}: the split is missing or unfinished")
+    try:
+        listed = [(shard_url(manifest_url, s["name"]), s["name"], int(s["bytes"]), str(s["sha256"]))
+                  for s in manifest["shards"]]
+        num_samples = manifest["num_samples"]
+    except ShardNameError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:
+        raise PrepError(f"{manifest_url}: malformed shard list ({type(e).__name__}: {e})") from None
     missing, corrupt = [], []
     show = sys.stderr.isatty() if progress is None else progress
-    for s in tqdm(manifest["shards"], desc=f"verify {split}", unit="shard", disable=not show):
-        url = storage.join(split_url, s["name"])
+    for url, name, nbytes, sha256 in tqdm(listed, desc=f"verify {split}", unit="shard", disable=not show):
         sha, n = hashlib.sha256(), 0
         try:
             with storage.open_read(url) as f:
@@ -229,9 +276,9 @@ def verify(dst: str, split: str, progress: bool | None = None) -> dict:
                     sha.update(chunk)
                     n += len(chunk)
         except FileNotFoundError:
-            missing.append(s["name"])
+            missing.append(name)
             continue
-        if n != s["bytes"] or sha.hexdigest() != s["sha256"]:
-            corrupt.append(s["name"])
-    return dict(split=split, shards=len(manifest["shards"]), num_samples=manifest["num_samples"],
+        if n != nbytes or sha.hexdigest() != sha256:
+            corrupt.append(name)
+    return dict(split=split, shards=len(listed), num_samples=num_samples,
                 missing=missing, corrupt=corrupt, ok=not missing and not corrupt)

@@ -5,24 +5,23 @@ Listing never opens or decodes an image: directories are walked with ``os.scandi
 per file for its size) and tars are indexed from their headers, so ``read_item`` can seek+read
 each image's bytes straight out of the outer archive. Bytes are validated later, by the writer.
 Keys are file stems, identical for the extracted and the archive form of the same data.
+Symbolic links in a folder are not followed unless asked (``follow_links``; data_prep/walk.py).
 """
 from __future__ import annotations
 
 import os
-import re
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 from .imagenet_labels import LABELS_EXPECTED, SourceError, find_val_labels
+from .walk import IMAGE_EXTENSIONS, Acc, Entry, Walk, is_image, make_key, read_once, scan, subdirs
 
 __all__ = ["SourceItem", "SourceListing", "SourceError", "read_item", "list_imagenet", "list_image_folder",
-           "IMAGE_EXTENSIONS"]
+           "IMAGE_EXTENSIONS", "make_key"]
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff",
-                              ".ppm", ".pgm", ".pbm"})
 TRAIN_TAR, VAL_TAR = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"
-_UNSAFE = re.compile(r"[./\s]")
+_LINKS_LISTED = 1000  # ignored links named in the manifest (all are counted): a tree of 10^6 links stays readable
 # Directory / inner-tar scans run in threads to overlap I/O latency (cold caches, network file
 # systems); on a warm local cache one thread is ~1.5x faster (GIL): CROSSMAE_PREP_LIST_THREADS=1.
 _THREADS = max(1, int(os.environ.get("CROSSMAE_PREP_LIST_THREADS", "8")))
@@ -64,78 +63,21 @@ def read_item(item: SourceItem) -> bytes:
     return data
 
 
-def make_key(name: str) -> str:
-    """File name -> sample key: the stem, with '.', '/' and whitespace replaced by '_'."""
-    return _UNSAFE.sub("_", os.path.splitext(os.path.basename(name))[0]) or "_"
-
-
-def _is_image(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-
-
-class _Acc:
-    """Entries (key, path, size, offset, in_archive, class name or None) plus rejects and ignored files."""
-
-    def __init__(self):
-        self.entries, self.rejects, self.ignored = [], [], []
-
-    def reject(self, path: str, reason: str, key: str | None = None, **extra):
-        self.rejects.append(dict(key=key or make_key(path), path=path, reason=reason, **extra))
-
-    def merge(self, other: _Acc) -> _Acc:
-        self.entries += other.entries
-        self.rejects += other.rejects
-        self.ignored += other.ignored
-        return self
-
-
-def _scan(top: str, cls: str | None, recurse: bool = True) -> _Acc:
-    """Image files under ``top`` (recursively, following directory links once), one stat each."""
-    acc, stack, seen = _Acc(), [top], {os.path.realpath(top)}
-    while stack:
-        d = stack.pop()
-        try:
-            it = os.scandir(d)
-        except OSError as e:
-            acc.reject(d, f"unreadable directory: {e.strerror or e}")
-            continue
-        with it:
-            for e in it:
-                if e.name.startswith("."):  # hidden files, incl. macOS '._x.JPEG' resource forks
-                    acc.ignored.append(e.path)
-                    continue
-                try:
-                    if e.is_dir():
-                        real = os.path.realpath(e.path) if e.is_symlink() else e.path
-                        if recurse and real not in seen:
-                            seen.add(real)
-                            stack.append(e.path)
-                        elif not recurse:
-                            acc.ignored.append(e.path)
-                    elif not _is_image(e.name):
-                        acc.ignored.append(e.path)
-                    elif not e.is_file():
-                        acc.reject(e.path, "broken link" if e.is_symlink() else "not a regular file")
-                    else:
-                        acc.entries.append((make_key(e.name), e.path, e.stat().st_size, 0, False, cls))
-                except OSError as err:
-                    acc.reject(e.path, f"unreadable: {err.strerror or err}")
-    return acc
-
-
-def _subdirs(path: str) -> list[str]:
-    with os.scandir(path) as it:
-        return sorted(e.name for e in it if not e.name.startswith(".") and e.is_dir())
-
-
-def _scan_classes(root: str, names: list[str], recurse: bool = True) -> _Acc:
-    acc = _scan(root, None, recurse=False)  # files directly under root: no class folder
+def _scan_classes(root: str, names: list[str], walk: Walk, recurse: bool = True) -> Acc:
+    acc = scan(root, None, walk, recurse=False)  # files directly under root: no class folder
     scanned = {os.path.join(root, c) for c in names}  # hidden folders stay ignored (and counted)
     acc.ignored = [p for p in acc.ignored if p not in scanned]
+
+    def one(c: str) -> Acc:
+        path = os.path.join(root, c)
+        if os.path.islink(path):  # a followed class-folder link: its files are reached through it
+            return scan(os.path.realpath(path), c, walk, recurse, via=path)
+        return scan(path, c, walk, recurse)
+
     with ThreadPoolExecutor(_THREADS) as pool:
-        for sub in pool.map(lambda c: _scan(os.path.join(root, c), c, recurse), names):
+        for sub in pool.map(one, names):
             acc.merge(sub)
-    return acc
+    return read_once(acc)
 
 
 def _open_tar(path: str) -> tarfile.TarFile:
@@ -151,28 +93,28 @@ def _open_tar(path: str) -> tarfile.TarFile:
         raise SourceError(f"cannot index {path} as an uncompressed tar: {e}{hint}") from None
 
 
-def _tar_members(path: str, tar: tarfile.TarFile, limit: int, base: int, cls: str | None, acc: _Acc, where: str):
+def _tar_members(path: str, tar: tarfile.TarFile, limit: int, base: int, cls: str | None, acc: Acc, where: str):
     """Index a tar's image members: absolute offset = ``base`` + member's offset_data."""
     try:
         for m in tar:
             if m.isdir():
                 continue
             name = os.path.basename(m.name)
-            if not m.isfile() and _is_image(name) and not name.startswith("."):
+            if not m.isfile() and is_image(name) and not name.startswith("."):
                 acc.reject(f"{where}:{m.name}", "link member in archive", make_key(name))  # no bytes of its own
-            elif not m.isfile() or name.startswith(".") or not _is_image(name):
+            elif not m.isfile() or name.startswith(".") or not is_image(name):
                 acc.ignored.append(f"{where}:{m.name}")
             elif m.issparse() or m.offset_data + m.size > limit:
                 acc.reject(f"{where}:{m.name}", "sparse tar member" if m.issparse() else "truncated archive member",
                            make_key(name))
             else:
-                acc.entries.append((make_key(name), path, m.size, base + m.offset_data, True, cls))
+                acc.entries.append(Entry(make_key(name), path, m.size, base + m.offset_data, True, cls))
     except (tarfile.TarError, OSError, EOFError) as e:
         acc.reject(where, f"unreadable tar: {e}")
 
 
-def _index_inner(path: str, m: tarfile.TarInfo, cls: str) -> _Acc:
-    acc = _Acc()
+def _index_inner(path: str, m: tarfile.TarInfo, cls: str) -> Acc:
+    acc = Acc()
     with _open_tar(path) as outer:  # one handle per thread; the member's offsets are file positions
         try:
             inner = tarfile.open(fileobj=outer.extractfile(m), mode="r:")
@@ -184,9 +126,9 @@ def _index_inner(path: str, m: tarfile.TarInfo, cls: str) -> _Acc:
     return acc
 
 
-def _index_train_tar(path: str) -> tuple[_Acc, list[str]]:
+def _index_train_tar(path: str) -> tuple[Acc, list[str]]:
     """ILSVRC2012_img_train.tar: an outer tar of per-class tars ``<wnid>.tar``, read in place."""
-    acc, inner = _Acc(), []
+    acc, inner = Acc(), []
     with _open_tar(path) as outer:
         try:
             for m in outer:
@@ -202,10 +144,10 @@ def _index_train_tar(path: str) -> tuple[_Acc, list[str]]:
     return acc, sorted({c for c, _ in inner})
 
 
-def _finish(split: str, acc: _Acc, classes: list[str], description: dict, where: str) -> SourceListing:
+def _finish(split: str, acc: Acc, classes: list[str], description: dict, where: str) -> SourceListing:
     """Entries -> labelled, deduplicated, key-sorted items; the description gets the counts."""
     index, items = {c: i for i, c in enumerate(classes)}, []
-    for key, path, size, offset, in_archive, cls in acc.entries:
+    for key, path, size, offset, in_archive, cls, *_ in acc.entries:
         loc = SourceItem(key, 0, size, path, offset, in_archive).location
         if cls is None:
             acc.reject(loc, "no label", key)
@@ -228,14 +170,19 @@ def _finish(split: str, acc: _Acc, classes: list[str], description: dict, where:
         unique.append(it)
     unique.sort(key=lambda it: it.key)
     rejects = sorted(acc.rejects, key=lambda r: (r["key"], r["path"]))
+    links = sorted(acc.links, key=lambda r: (r["path"], r["target"]))
     if not unique:
         first = f" (e.g. {rejects[0]['path']}: {rejects[0]['reason']})" if rejects else ""
-        raise SourceError(f"no usable images for split {split} under {where}: {len(rejects)} rejected{first}")
+        linked = (f"; {len(links)} links left out (e.g. {links[0]['path']}: {links[0]['reason']})" if links else "")
+        raise SourceError(f"no usable images for split {split} under {where}: {len(rejects)} rejected{first}{linked}")
     counts = [0] * len(classes)
     for it in unique:
         counts[it.label] += 1
     description.update(split=split, num_items=len(unique), num_classes=len(classes), num_rejects=len(rejects),
                        ignored_files=len(acc.ignored), ignored_examples=sorted(acc.ignored)[:5],
+                       num_ignored_links=len(links), ignored_links=links[:_LINKS_LISTED],
+                       # kept in the class map: dropping one would shift every later class index
+                       empty_classes=[c for c, n in zip(classes, counts) if n == 0],
                        renamed_duplicate_keys=renamed, class_counts=dict(zip(classes, counts)))
     return SourceListing(split, unique, list(classes), description, rejects)
 
@@ -246,19 +193,22 @@ def _existing_dir(src: str, what: str) -> str:
     return os.path.abspath(src)
 
 
-def list_image_folder(src: str, split: str, classes: list[str] | None = None) -> SourceListing:
+def list_image_folder(src: str, split: str, classes: list[str] | None = None,
+                      follow_links: bool = False) -> SourceListing:
     """``src/<class>/**/*.{jpg,jpeg,png,webp,...}``; classes = sorted subfolders or the given list
-    (kept in its order; images of other classes become "unknown class" rejects)."""
+    (kept in its order; images of other classes become "unknown class" rejects). Links are
+    ignored (counted, named) unless ``follow_links``: then followed inside ``src`` only."""
     root = _existing_dir(src, "image folder")
-    names = _subdirs(root)
+    walk = Walk.below(root, follow_links)
+    names = subdirs(root, walk)
     if classes is None and not names:
         raise SourceError(f"no class folders under {root}: expected {root}/<class>/*.jpg")
     if classes is not None and len(set(classes)) != len(classes):
         raise SourceError(f"duplicate class names in the given class list for {root}")
     cls = list(names if classes is None else classes)
-    acc = _scan_classes(root, names)
+    acc = _scan_classes(root, names, walk)
     desc = dict(kind="image-folder", src=root, label_source="folder names",
-                class_source="subfolders" if classes is None else "given list")
+                class_source="subfolders" if classes is None else "given list", follow_links=follow_links)
     return _finish(split, acc, cls, desc, root)
 
 
@@ -282,17 +232,19 @@ def _split_source(roots: list[str], split: str) -> tuple[str, str] | None:
     return None
 
 
-def _train_classes(kind: str, path: str) -> list[str]:
+def _train_classes(kind: str, path: str, follow_links: bool) -> list[str]:
     if kind == "dir":
-        return _subdirs(path)
+        return subdirs(path, Walk.below(path, follow_links))
     with _open_tar(path) as outer:
         return sorted({os.path.basename(m.name)[:-4] for m in outer if m.isfile() and m.name.endswith(".tar")})
 
 
-def list_imagenet(src: str, split: str) -> SourceListing:
+def list_imagenet(src: str, split: str, follow_links: bool = False) -> SourceListing:
     """ImageNet under ``src``: ``train/<wnid>/*.JPEG`` or ``ILSVRC2012_img_train.tar`` (per-class tars);
     ``val/`` flat or in class folders, or ``ILSVRC2012_img_val.tar``, flat images labelled from the
-    devkit (directory or tarball) or ``LOC_val_solution.csv``. Archives are read in place."""
+    devkit (directory or tarball) or ``LOC_val_solution.csv``. Archives are read in place.
+    ``train/`` and ``val/`` are found by name (either may be a link); links inside them are
+    ignored (counted, named) unless ``follow_links``: then followed inside that folder only."""
     root = _existing_dir(src, "ImageNet")
     if split not in ("train", "val"):
         raise SourceError(f"unknown ImageNet split {split!r} for {root}: expected 'train' or 'val'")
@@ -303,11 +255,13 @@ def list_imagenet(src: str, split: str) -> SourceListing:
                     else "val/*.JPEG, val/<wnid>/*.JPEG or " + VAL_TAR)
         raise SourceError(f"no ImageNet {split} split under {root}: expected {expected}")
     kind, path = found
-    desc = dict(kind="imagenet-folder" if kind == "dir" else "imagenet-archive", src=root, path=path)
+    desc = dict(kind="imagenet-folder" if kind == "dir" else "imagenet-archive", src=root, path=path,
+                follow_links=follow_links)
+    walk = Walk.below(path, follow_links)
     if split == "train":
         if kind == "dir":
-            classes = _subdirs(path)
-            acc = _scan_classes(path, classes, recurse=False)
+            classes = subdirs(path, walk)
+            acc = _scan_classes(path, classes, walk, recurse=False)
         else:
             acc, classes = _index_train_tar(path)
         desc.update(label_source="class folders" if kind == "dir" else "per-class tar names",
@@ -315,25 +269,25 @@ def list_imagenet(src: str, split: str) -> SourceListing:
         return _finish(split, acc, classes, desc, root)
 
     if kind == "dir":
-        folders = _subdirs(path)
-        acc = _scan_classes(path, folders, recurse=False)
+        folders = subdirs(path, walk)
+        acc = _scan_classes(path, folders, walk, recurse=False)
     else:
-        folders, acc = [], _Acc()
+        folders, acc = [], Acc()
         with _open_tar(path) as tar:
             _tar_members(path, tar, os.path.getsize(path), 0, None, acc, path)
-    flat = [e for e in acc.entries if e[5] is None]
+    flat = [e for e in acc.entries if e.cls is None]
     desc["layout"] = "mixed" if flat and folders else "flat" if flat else "folders"
     train = _split_source(roots, "train")
     labels = find_val_labels(list(dict.fromkeys([root, *roots]))) if flat or train is None else None
     if flat and labels is None:
         raise SourceError(f"no ImageNet val labels under {root} for the flat val images: expected {LABELS_EXPECTED}")
     if flat:
-        acc.entries = [e if e[5] is not None else e[:5] + (labels.wnids.get(e[0]),) for e in acc.entries]
+        acc.entries = [e if e.cls is not None else e._replace(cls=labels.wnids.get(e.key)) for e in acc.entries]
         desc.update(label_source=labels.source, label_path=labels.path)
     else:
         desc["label_source"] = "class folders"
     if train is not None:
-        classes, desc["class_source"] = _train_classes(*train), "train split"
+        classes, desc["class_source"] = _train_classes(*train, follow_links), "train split"
     elif labels is not None and labels.classes is not None:
         classes, desc["class_source"] = labels.classes, "devkit leaf synsets"
     else:

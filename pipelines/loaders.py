@@ -37,6 +37,7 @@ import torch
 
 from . import storage
 from .epoch_order import EmptyEpochError, EpochCursor, EpochOrder  # noqa: F401 (EmptyEpochError: API)
+from .shard_names import shard_url
 from .transforms import MAETrainTransform, eval_transform
 from .wds_loader import LoaderCounters, StreamingLoader
 
@@ -220,7 +221,12 @@ def build_loader(cfg: LoaderConfig, train: bool = True, rank: int = 0, world_siz
         if train and (cfg.resize != "cpu" or cfg.decode != "cpu" or transform is not None):
             raise ValueError("resize='device', decode='gpu' and other transforms need the WebDataset format "
                              "(FFCV decodes, crops and resizes in its own CPU pipeline)")
-        shard = manifest["shards"][0]
-        url = storage.join(cfg.manifest.rsplit("/", 1)[0], shard["name"])
-        return _FFCVLoader(stage_local(url, shard["sha256"], cfg.cache_dir), cfg, train, rank, world_size)
+        try:
+            (shard,) = manifest["shards"]
+            name, sha256 = shard["name"], str(shard["sha256"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{cfg.manifest}: malformed FFCV shard list, expected one .beton "
+                             f"({type(e).__name__}: {e})") from None
+        url = shard_url(cfg.manifest, name)  # refuses names that leave the dataset's folder
+        return _FFCVLoader(stage_local(url, sha256, cfg.cache_dir), cfg, train, rank, world_size)
     raise ValueError(f"{cfg.manifest}: unknown dataset format {fmt!r} (expected webdataset or ffcv)")

@@ -18,6 +18,7 @@ from braceexpand import braceexpand
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from . import storage
+from .shard_names import shard_url
 
 
 @dataclass(frozen=True)
@@ -39,10 +40,10 @@ class ShardList:
         except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise ValueError(f"{manifest_url}: malformed shard list ({type(e).__name__}: {e})") from None
         for name, n in shards:
-            if n < 0 or name.startswith("/") or ".." in name.split("/"):
+            if n < 0:
                 raise ValueError(f"{manifest_url}: bad shard entry {name!r} ({n} samples)")
-        base = manifest_url.rsplit("/", 1)[0]
-        return cls(tuple(storage.join(base, n) for n, _ in shards), tuple(n for _, n in shards))
+        urls = tuple(shard_url(manifest_url, name) for name, _ in shards)  # refuses names leaving the folder
+        return cls(urls, tuple(n for _, n in shards))
 
     @classmethod
     def from_pattern(cls, pattern: str) -> "ShardList":

@@ -220,3 +220,18 @@ def test_link_members_of_an_archive_are_counted_not_skipped_silently(tmp_path):
     assert len(lst.items) == len(fx.val)
     assert [(r["key"], r["reason"]) for r in lst.rejects] == [("ILSVRC2012_val_00000099", "link member in archive")]
     assert lst.description["ignored_files"] == 1  # "notes": not an image name
+
+
+def test_a_file_name_that_is_not_utf8_is_sharded_under_a_sanitised_key(tmp_path):
+    """Linux file names are bytes: b'caf\\xe9.jpg' (Latin-1) stopped the run with "'utf-8' codec can't
+    encode character '\\udce9' in position 28", naming no file. Now it is one more sample, key 'caf_'."""
+    from data_prep.cli import main
+
+    imgs = make_image_folder(tmp_path / "src", classes=("a", "b"), per_class=1)
+    data = imgs["a_0000"][1]
+    (tmp_path / "src" / "a" / os.fsdecode(b"caf\xe9.jpg")).write_bytes(data)
+    lst = list_image_folder(str(tmp_path / "src"), "train")
+    assert [it.key for it in lst.items] == ["a_0000", "b_0000", "caf_"]
+    assert main(["folder", str(tmp_path / "src"), str(tmp_path / "out")]) == 0
+    with tarfile.open(tmp_path / "out" / "train" / "train-000000.tar") as tar:
+        assert tar.extractfile("caf_.jpg").read() == data
