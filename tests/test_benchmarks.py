@@ -31,3 +31,21 @@ def test_train_step_smoke(tmp_path):
     modes = json.loads((tmp_path / "t.json").read_text())["modes"]
     assert set(modes) == {"plain", "deepspeed_zero0", "deepspeed_zero2"} and modes["plain"]["vs_plain"] == 1.0
     assert all(m["images_per_s"] > 0 for m in modes.values())
+
+
+def test_shuffle_quality_smoke(tmp_path):
+    run("benchmarks/shuffle_quality.py", "--samples", "64000", "--classes", "100", "--shards", "64", "--ranks", "2",
+        "--workers", "2", "--buffers", "1000", "--json", str(tmp_path / "s.json"))
+    res = json.loads((tmp_path / "s.json").read_text())["results"]
+    assert res["prep"]["this loader, block 512 (default)"]["worst"]["class_ratio"] < 1.3
+    assert res["class-sorted"]["shard order (no shuffle)"]["worst"]["class_ratio"] > 10
+
+
+def test_manifest_scale_smoke(tmp_path):
+    run("benchmarks/manifest_scale.py", "--procs", "2", "--worlds", "8", "--json", str(tmp_path / "m.json"))
+    assert json.loads((tmp_path / "m.json").read_text())["runs"]["world 8, local"]["manifest+plan"]["cpu"] > 0
+
+
+def test_crop_decode_smoke(tmp_path):
+    run("benchmarks/crop_decode.py", "--images", "8", "--rounds", "1", "--json", str(tmp_path / "c.json"))
+    assert (tmp_path / "c.json").stat().st_size > 0
