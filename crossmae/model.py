@@ -156,9 +156,6 @@ class MaskedAutoencoder(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.grad_checkpointing = self.decoder.grad_checkpointing = enable
 
-    def no_weight_decay(self) -> set[str]:
-        return {"encoder.cls_token", "encoder.pos_embed", "decoder.mask_token", "decoder.decoder_pos_embed"}
-
     def make_masking(self, imgs: torch.Tensor, noise: torch.Tensor | None = None) -> PatchMasking:
         if noise is None:
             noise = torch.rand(imgs.shape[0], self.config.num_patches, device=imgs.device)

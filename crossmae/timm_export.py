@@ -112,13 +112,49 @@ def create_timm_encoder(config: dict, tensors: dict[str, torch.Tensor], **overri
     return model, sorted(result.missing_keys)
 
 
+def load_export_tensors(export: str, data: bytes, record: dict | None) -> tuple[dict[str, torch.Tensor], str, bool]:
+    """(tensors, sha256 of ``data``, verified) of an export's ``model.safetensors`` whose bytes the
+    caller read once; ``record`` is its export.json (None: there is none).
+
+    Verified against ``files["model.safetensors"]`` (sha256 and size of the file, what
+    crossmae-export records), else against ``weights_sha256`` (the tensors' content hash); a
+    mismatch is a CheckpointError naming the export and the file. A file overwritten in place
+    with the same size still parses (the safetensors header is intact) and gave NaN features and
+    a k-NN top-1 of 8%, so parsing is no check. verified=False: nothing is recorded to check
+    against (an export not written by crossmae-export); the caller says so.
+    """
+    from safetensors.torch import load
+
+    digest = hashlib.sha256(data).hexdigest()
+    record = record if isinstance(record, dict) else {}
+    meta = (record.get("files") or {}).get("model.safetensors") if isinstance(record.get("files"), dict) else None
+    if isinstance(meta, dict) and meta.get("sha256"):
+        if digest != meta["sha256"] or len(data) != meta.get("bytes", len(data)):
+            raise CheckpointError(
+                f"{export}: model.safetensors does not match its export.json (read {len(data)} bytes, sha256 "
+                f"{digest[:16]}; recorded {meta.get('bytes')} bytes, sha256 {str(meta['sha256'])[:16]}): the file "
+                "is damaged or was replaced; export the checkpoint again")
+        return load(data), digest, True
+    tensors = load(data)
+    if record.get("weights_sha256"):
+        if tensors_sha256(tensors) != record["weights_sha256"]:
+            raise CheckpointError(f"{export}: model.safetensors does not hold the weights its export.json records "
+                                  f"(weights_sha256 {str(record['weights_sha256'])[:16]}): damaged or replaced; "
+                                  "export the checkpoint again")
+        return tensors, digest, True
+    return tensors, digest, False
+
+
 def load_timm(export_dir: str | os.PathLike):
     """An export directory (``model.safetensors`` + ``config.json``) as a timm model, the
-    documented recipe: timm's own loader, STRICT (a missing or extra key is an error), and the
-    export's pretrained_cfg, so ``timm.data.resolve_data_config(model=...)`` gives the project's
-    eval preprocessing. The same as ``timm.create_model("local-dir:" + export_dir,
-    pretrained=True)`` in timm versions with that source (the pinned 1.0.31 has it); this form
-    also works on older timm.
+    documented recipe: STRICT (a missing or extra key is an error), with the export's
+    pretrained_cfg, so ``timm.data.resolve_data_config(model=...)`` gives the project's eval
+    preprocessing; where export.json is beside them, model.safetensors is first verified against
+    it (:func:`load_export_tensors`: a damaged file is a CheckpointError naming it). The weights
+    are loaded from the bytes that were hashed (read once), with torch's strict load_state_dict,
+    which is what timm's own loader ends in; the model is the same as
+    ``timm.create_model("local-dir:" + export_dir, pretrained=True)`` (timm 1.0.31), which does
+    not verify.
 
     Overlaying only ``file`` (this project's earlier recipe) keeps the registry's pretrained_cfg:
     its 1000 classes differ from the export's 0, so timm loads non-strictly, and its data config
@@ -132,9 +168,18 @@ def load_timm(export_dir: str | os.PathLike):
         arch, pretrained_cfg, model_args = cfg["architecture"], cfg["pretrained_cfg"], cfg["model_args"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: not an export ({type(e).__name__}: {e})") from None
+    record = None
     try:
-        return timm.create_model(arch, pretrained=True, **model_args,
-                                 pretrained_cfg_overlay=dict(pretrained_cfg, file=str(path / "model.safetensors")))
-    except RuntimeError as e:  # torch's strict load_state_dict: missing / unexpected keys, shapes
+        if (path / "export.json").exists():
+            record = json.loads((path / "export.json").read_text())
+        data = (path / "model.safetensors").read_bytes()  # read once: hashed and loaded from these bytes
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read the export ({type(e).__name__}: {e})") from None
+    tensors, _, _ = load_export_tensors(str(path), data, record)
+    model = timm.create_model(arch, pretrained=False, pretrained_cfg_overlay=pretrained_cfg, **model_args)
+    try:
+        model.load_state_dict(tensors, strict=True)  # what timm's pretrained=True does with `file`, from verified bytes
+    except RuntimeError as e:  # missing / unexpected keys, shapes
         raise CheckpointError(f"{path} does not load strictly into timm's {arch}: "
                               f"{' '.join(str(e).split())}") from None
+    return model

@@ -3,9 +3,13 @@ checkpoints (with the loader position and step as client state) into ``run.outpu
 each one and the run's history (metrics.jsonl, TensorBoard events, recon PNGs) into
 ``run.store`` in the background, and bring the history back on a fresh node.
 
-Layout: ``<output>/checkpoints/<tag>/`` (tag ``step00001000``), a ``COMPLETE`` marker once
-every rank's files are written; in the store the same files, one receipt per node, then
-``COMPLETE`` and ``latest`` (pipelines/checkpoints.py).
+Layout: ``<output>/checkpoints/<tag>/`` (tag ``step00001000``), each node's
+``MANIFEST.<node>.json`` (sizes, sha256) and a ``COMPLETE`` marker once every rank's files are
+written; in the store the same files, one receipt per node, then ``COMPLETE`` and ``latest``
+(pipelines/checkpoints.py). Resume follows the run's own record (DeepSpeed's
+``checkpoints/latest``, the store's ``latest``), checks the files against the manifests before
+anything is unpickled, and falls back to the previous complete checkpoint when one is damaged
+(said on stderr, counted in ``fallbacks``; the damaged copy moves to ``checkpoints_damaged/``).
 
 A hung store never holds training for long: a save waits for the previous upload at most
 ``run.upload_wait_s`` seconds, then goes on; the new checkpoint stays local and the mirror
@@ -17,12 +21,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import threading
 import time
 
 from . import checkpoints as ckpt
-from . import distributed, reshard, storage
+from . import distributed, reshard, resume_select, storage
+from .checkpoint_integrity import clear_markers, verify_checkpoint, write_manifest
+from .resume_select import _same_place, complete_tags, local_rank, on_each_node, say  # noqa: F401 - callers' names
 
 # A save waits this long for the previous upload (back-pressure while the store is just slower
 # than the save interval); past it, training goes on and the mirror skips to the newest tag.
@@ -30,26 +35,6 @@ UPLOAD_WAIT_S = 120.0
 # At the end of the run, the last upload gets this long: a ViT-L checkpoint with its optimizer
 # state is ~4 GB, ~40 s at 100 MB/s, so 15 min only runs out when the store is really down.
 CLOSE_WAIT_S = 900.0
-
-
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", 0))
-
-
-def say(message: str) -> None:
-    print(f"crossmae-pretrain: {message}", file=sys.stderr, flush=True)
-
-
-def complete_tags(out: str) -> list[str]:
-    """Complete checkpoint tags, oldest first: a tag counts once its marker file exists."""
-    root = os.path.join(out, "checkpoints")
-    if not os.path.isdir(root):
-        return []
-    return sorted(t for t in os.listdir(root) if os.path.exists(os.path.join(root, t, "COMPLETE")))
-
-
-def _same_place(output: str, store: str) -> bool:
-    return "://" not in store and os.path.realpath(store) == os.path.realpath(output)
 
 
 class Mirror:
@@ -151,7 +136,10 @@ class Mirror:
                 expected = self._wait_for_receipts(store, tag)
                 ckpt.publish(store, tag, step, expected)
                 complete, incomplete = ckpt.store_tags(store)
-                ckpt.prune(store, complete, self.run.keep_last, self.run.keep_every)
+                # only this run's line counts: a newer tag (another run's, or a damaged one a resume
+                # fell back from) is neither kept in place of this run's nor deleted
+                ckpt.prune(store, {t: s for t, s in complete.items() if s <= step}, self.run.keep_last,
+                           self.run.keep_every)
                 ckpt.prune_abandoned(store, step, incomplete)
             self.mirrored = tag
         except Exception as e:  # noqa: BLE001 - reported, counted; the local checkpoint still stands
@@ -187,7 +175,8 @@ class Mirror:
 class Checkpointer:
     """``resume_tag`` -> ``prepare`` -> ``load`` (and ``restore_history`` on rank 0) at start;
     ``save`` every ``run.save_every`` steps; ``close`` at the end. ``failures`` counts
-    checkpoints not mirrored to the store."""
+    checkpoints not mirrored to the store; ``fallbacks`` the damaged checkpoints a resume skipped,
+    ``ignored`` the complete ones past the run's record."""
 
     def __init__(self, run, rank: int, world: int):
         self.run, self.rank, self.world = run, rank, world
@@ -196,6 +185,9 @@ class Checkpointer:
         self.upload_wait_s = float(getattr(run, "upload_wait_s", UPLOAD_WAIT_S))
         self.close_wait_s = float(getattr(run, "close_wait_s", CLOSE_WAIT_S))
         self.resumed_step: int | None = None
+        self.fallbacks: list[str] = []  # damaged tags skipped by the resume, newest first
+        self.ignored: list[str] = []  # complete tags newer than the run's record
+        self.verified: str | None = None  # the tag resume_tag checked on every node
         self.closed = False
 
     @property
@@ -203,23 +195,15 @@ class Checkpointer:
         return self.mirror.failures
 
     def resume_tag(self) -> str | None:
-        """The newest complete checkpoint, local or in the store (downloaded when only there).
+        """The newest complete checkpoint at or before the run's record, local or in the store
+        (downloaded when only there), whose files match the manifests written when it was saved;
+        a damaged one is moved aside and the previous one tried (pipelines/resume_select.py).
         Global rank 0 decides and broadcasts, so every rank loads the same tag."""
-        best = None
-        if self.rank == 0:
-            local = complete_tags(self.run.output)
-            best = local[-1] if local else None
-            remote = ckpt.latest(self.run.store) if self.run.store else None
-            if remote and (best is None or int(remote["tag"][4:]) > int(best[4:])):
-                best = remote["tag"]
-        best = distributed.broadcast_object(best, src=0)
-        if best and local_rank() == 0 and best not in complete_tags(self.run.output):
-            ckpt.download(self.run.store, best, self.root)
-            with open(os.path.join(self.root, best, "COMPLETE"), "w") as f:
-                f.write(best[4:])
-        distributed.barrier()
-        self.resumed_step = int(best[4:]) if best else None
-        return best
+        choice = resume_select.Selection(self.run, self.rank)
+        tag = choice.choose()
+        self.fallbacks, self.ignored, self.verified = choice.fallbacks, choice.ignored, tag
+        self.resumed_step = int(tag[4:]) if tag else None
+        return tag
 
     def restore_history(self, step: int | None = None) -> dict | None:
         """Rank 0, at resume, before metrics.jsonl is opened: fetch metrics.jsonl, TensorBoard
@@ -237,11 +221,14 @@ class Checkpointer:
             return None
 
     def prepare(self, tag: str) -> "reshard.ResumePlan":
-        """Check the checkpoint's files (before DeepSpeed unpickles them) and, when it was saved
-        by another world size, convert it once per node to a universal checkpoint. Returns the
-        plan whose ``ds_config_patch`` goes into the DeepSpeed config before ``initialize``."""
-        if local_rank() == 0:  # DeepSpeed loads with weights_only=False: refuse anything else first
-            ckpt.check_weights_only(os.path.join(self.root, tag))
+        """Check the checkpoint's files before DeepSpeed unpickles them (``resume_tag`` did for its
+        tag) and, when it was saved by another world size, convert it once per node to a universal
+        checkpoint. Returns the plan whose ``ds_config_patch`` goes into the DeepSpeed config
+        before ``initialize``."""
+        if tag != self.verified:  # DeepSpeed loads with weights_only=False: refuse anything else first
+            problems = on_each_node(lambda: verify_checkpoint(os.path.join(self.root, tag)))
+            if problems:
+                raise storage.StorageError(problems[0][1])
         plan = reshard.prepare_resume(self.root, tag, self.world, convert=local_rank() == 0)
         distributed.barrier()
         return plan
@@ -251,17 +238,21 @@ class Checkpointer:
         return reshard.load_checkpoint(engine, plan)
 
     def save(self, engine, step: int, client_state: dict) -> str:
-        """DeepSpeed checkpoint + client state into the local directory; COMPLETE once every
-        rank's files are written; then the store mirror takes it (in the background by default).
-        Waits for the previous upload at most ``run.upload_wait_s``."""
+        """DeepSpeed checkpoint + client state into the local directory; the node's manifest and
+        COMPLETE once every rank's files are written; then the store mirror takes it (in the
+        background by default). Waits for the previous upload at most ``run.upload_wait_s``."""
         tag = f"step{step:08d}"
+        if local_rank() == 0:  # the same step saved again (after a fallback): not complete while rewritten
+            clear_markers(os.path.join(self.root, tag))
         engine.save_checkpoint(self.root, tag=tag, client_state=dict(client_state, step=step))
         distributed.barrier()
-        if local_rank() == 0:  # each node marks and prunes its own directory
+        if local_rank() == 0:  # each node records, marks and prunes its own directory
+            write_manifest(os.path.join(self.root, tag), self.mirror.node)  # ViT-B ZeRO-2, 2 GB: ~1 s
             with open(os.path.join(self.root, tag, "COMPLETE"), "w") as f:
                 f.write(str(step))
             self.mirror.wait(self.upload_wait_s, f"checkpoint {tag}")
-            steps = {t: int(t[4:]) for t in complete_tags(self.run.output)}
+            # this run's line only: a newer tag (another run's) is neither counted nor deleted
+            steps = {t: int(t[4:]) for t in complete_tags(self.run.output) if int(t[4:]) <= step}
             keep = set(self.mirror.pending()) | {tag}  # never delete what the mirror still reads
             for old in ckpt.tags_to_delete(list(steps), steps, self.run.keep_last, self.run.keep_every):
                 if old not in keep:

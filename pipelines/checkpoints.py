@@ -2,7 +2,8 @@
 
 Layout under a store ``S`` (local path or ``s3://``)::
 
-    S/checkpoints/<tag>/...        every file of the DeepSpeed checkpoint directory
+    S/checkpoints/<tag>/...        every file of the DeepSpeed checkpoint directory, with each
+                                   node's MANIFEST.<node>.json (sizes, sha256: checkpoint_integrity.py)
     S/checkpoints/<tag>/COMPLETE   written after all of the tag's files are durable
     S/latest                       {"tag": ..., "step": ...}: written last, names a COMPLETE tag
     S/metrics.jsonl, S/tensorboard/..., S/recon/*.png    the run's history (global rank 0)
@@ -18,6 +19,7 @@ import os
 import sys
 
 from . import storage
+from .checkpoint_integrity import check_weights_only, verify_checkpoint  # noqa: F401 - callers' names
 
 METRICS = "metrics.jsonl"
 HISTORY_DIRS = {"tensorboard": "", "recon": ".png"}  # folder -> name suffix mirrored ("" = every file)
@@ -52,12 +54,27 @@ def publish(store: str, tag: str, step: int, expected_files: list[str]) -> None:
     storage.write_bytes(storage.join(store, "latest"), json.dumps(dict(tag=tag, step=step)).encode())
 
 
-def latest(store: str) -> dict | None:
+def latest_record(store: str) -> dict | None:
+    """The store's ``latest`` as written ({"tag", "step"}), whether or not its tag is still
+    complete; None when there is none. A file that is not a record is a StorageError."""
     try:
         pointer = json.loads(storage.read_bytes(storage.join(store, "latest")))
     except FileNotFoundError:
         return None
-    return pointer if storage.exists(storage.join(store, "checkpoints", pointer["tag"], "COMPLETE")) else None
+    except ValueError as e:
+        raise storage.StorageError(f"{storage.join(store, 'latest')}: not a checkpoint record ({e})") from None
+    try:
+        return dict(tag=str(pointer["tag"]), step=int(pointer["step"]))
+    except (KeyError, TypeError, ValueError):
+        raise storage.StorageError(f"{storage.join(store, 'latest')}: not a checkpoint record ({pointer!r:.80})") from None
+
+
+def latest(store: str) -> dict | None:
+    """The store's ``latest`` when it names a complete tag."""
+    pointer = latest_record(store)
+    if pointer and storage.exists(storage.join(store, "checkpoints", pointer["tag"], "COMPLETE")):
+        return pointer
+    return None
 
 
 def download(store: str, tag: str, local_root: str) -> str:
@@ -71,6 +88,31 @@ def download(store: str, tag: str, local_root: str) -> str:
             while chunk := src.read(16 << 20):
                 dst.write(chunk)
     return os.path.join(local_root, tag)
+
+
+def resume_order(local: list[str], stored: list[str], records: dict[str, str]) -> tuple[list[str], list[str], list[str]]:
+    """The complete checkpoints a resume tries, newest first: those at or before the run's own
+    record (the newer of ``records``, {where: tag}: DeepSpeed's ``checkpoints/latest`` and the
+    store's ``latest``), never one past it: a checkpoint newer than every record was written by
+    another run into the same directory (or its save never got recorded), and resuming it would
+    continue someone else's run. Returns (order, ignored newer tags, lines to say)."""
+    every = sorted(set(local) | set(stored), key=lambda t: int(t[4:]), reverse=True)
+    if not records:
+        said = [f"no record of the newest checkpoint (checkpoints/latest): trying the newest complete one, "
+                f"{every[0]}"] if every else []
+        return every, [], said
+    where, record = max(records.items(), key=lambda kv: int(kv[1][4:]))
+    ignored = sorted(t for t in every if int(t[4:]) > int(record[4:]))
+    order = [t for t in every if int(t[4:]) <= int(record[4:])]
+    said = []
+    if ignored:
+        said.append(f"ignoring checkpoint(s) {', '.join(ignored)}: newer than the run's record ({where} names "
+                    f"{record}), so not this run's (another run wrote into this directory, or the save was never "
+                    "recorded)")
+    if order[:1] != [record]:
+        said.append(f"{where} names {record}, which is not complete (its save or upload was cut short); "
+                    + (f"trying {order[0]}" if order else "no earlier complete checkpoint"))
+    return order, ignored, said
 
 
 def tags_to_delete(tags: list[str], steps: dict[str, int], keep_last: int, keep_every: int) -> list[str]:
@@ -247,25 +289,3 @@ def restore_history(output: str, store: str | None, step: int) -> dict[str, int]
         print(f"crossmae-pretrain: {path}: history to step {step} from {source}{replaced}; dropped {dropped} "
               f"line(s) past step {step} and {damaged} unreadable line(s)", file=sys.stderr)
     return counts
-
-
-def check_weights_only(ckpt_dir: str) -> None:
-    """DeepSpeed 0.19.8 unpickles its checkpoints with ``weights_only=False`` (zero_to_fp32,
-    the torch checkpoint engine), so a checkpoint from elsewhere could run code when loaded.
-    Refuse any ``.pt`` file that needs more than tensors, containers and the three DeepSpeed
-    classes its checkpoints hold. ``mmap=True``: pickles are read, tensor data is not."""
-    import torch
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
-        for dirpath, _, names in os.walk(ckpt_dir):
-            for name in sorted(n for n in names if n.endswith(".pt")):
-                path = os.path.join(dirpath, name)
-                try:
-                    torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-                except Exception as e:  # noqa: BLE001 - any refusal or damage is the same answer
-                    cause = next((ln for ln in str(e).splitlines() if "GLOBAL" in ln), type(e).__name__)
-                    raise storage.StorageError(f"{path}: refused, not a plain weights file ({cause.strip()})",
-                                               path) from None

@@ -1,9 +1,12 @@
 """The one config loader: typed dataclass sections filled from YAML, then ``key=value``
 command-line overrides (dotted paths: ``optim.blr=1e-4 data.batch_size=64``). Unknown keys are
-an error naming the key; values are converted to the field's type."""
+an error naming the key; values are converted to the field's type. Floats must be finite (NaN or
+inf in a config is never meant: ``optim.lr=nan`` reached torch as "Invalid learning rate: nan"),
+and a fixed-length tuple (``optim.betas``) must have exactly its length."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from typing import Any
 
@@ -22,7 +25,10 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
         if value is None and type(None) in args:
             return None
-        for a in (a for a in args if a is not type(None)):
+        candidates = [a for a in args if a is not type(None)]
+        if len(candidates) == 1:  # `float | None`: the float's own error says more than "does not fit"
+            return _convert(value, candidates[0], where)
+        for a in candidates:
             try:
                 return _convert(value, a, where)
             except ConfigError:
@@ -33,6 +39,10 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             value = yaml.safe_load(value)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:  # tuple[float, float]: exactly two
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)} ({list(value)!r})")
+            return tuple(_convert(v, a, where) for v, a in zip(value, args))
         inner = args[0] if args else Any
         items = [_convert(v, inner, where) for v in value]
         return tuple(items) if origin is tuple else items
@@ -61,9 +71,12 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
                 if not value.is_integer():
                     raise ValueError
                 return int(value)
-            return tp(value)  # PyYAML reads "1e-4" as a string: float("1e-4") converts it
-        except (TypeError, ValueError):
+            out = tp(value)  # PyYAML reads "1e-4" as a string: float("1e-4") converts it
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+        if tp is float and not math.isfinite(out):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return out
     if tp is dict or origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")

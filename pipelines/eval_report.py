@@ -53,15 +53,23 @@ def dataset_name(d: dict) -> str:
     return f"{name} ({d.get('num_samples')} images, {d.get('num_classes')} classes)"
 
 
-def collect_results(prefix: str) -> list[dict]:
-    """Every ``<export>/eval/<name>.json`` under the prefix (feature caches and others ignored)."""
+def collect_results(prefix: str, prog: str = "crossmae-eval") -> list[dict]:
+    """Every ``<export>/eval/<name>.json`` under the prefix (feature caches and others ignored);
+    a damaged one is left out, said on stderr (the sweep that wrote it redoes it)."""
     results = []
     for url, _ in storage.list_objects(storage.join(prefix, "")):
         head, _, file = url.rpartition("/")
         if head.endswith("/eval") and file.endswith(".json"):
-            r = json.loads(storage.read_bytes(url))
-            if isinstance(r, dict) and "metrics" in r:
+            try:
+                r = json.loads(storage.read_bytes(url))
+                ok = isinstance(r, dict) and isinstance(r.get("metrics"), dict) and isinstance(r.get("job"), str)
+            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+                r, ok = None, False
+                print(f"{prog} report: {url}: not valid JSON ({e}): left out of the report", file=sys.stderr)
+            if ok:
                 results.append(dict(r, name=file[:-5], export=head[:-len("/eval")]))
+            elif isinstance(r, dict) and "metrics" in r:
+                print(f"{prog} report: {url}: no job or metrics mapping: left out of the report", file=sys.stderr)
     return results
 
 
@@ -76,7 +84,7 @@ def write_report(prefix: str, out_dir: str, prog: str) -> list[str] | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = collect_results(prefix)
+    results = collect_results(prefix, prog)
     if not results:
         return None
     rows: dict[str, dict] = {}

@@ -12,30 +12,33 @@ same weights, both manifests (sha256) and protocol (``result_key``; ``--force`` 
 then the report is written. Train and val manifests with different class maps are refused. ``--index I`` (or ``--index auto``: $SLURM_ARRAY_TASK_ID
 or $JOB_COMPLETION_INDEX) evaluates only the I-th export (sorted by step), so a job array fans out;
 run ``report`` once the array is done.
+
+Nothing is trusted: every job reads the export's model.safetensors once and checks it against the
+sha256 its export.json records (crossmae.timm_export.load_export_tensors), non-finite features
+are an error naming the export, and the result records the sha256 of the bytes it read. Exit 2:
+bad input (options, manifests, a damaged export); 1: an export failed otherwise; 0: all done.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import datetime
-import hashlib
 import json
+import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
-from functools import cached_property
+from dataclasses import asdict
 
 import torch
 
 from . import knn, linprobe, storage
+from .eval_inputs import BAD_EXPORT, Dataset, Export, UsageError, check_finite, check_same_classes, find_exports
 from .eval_report import write_report
+from .hashing import sha256_bytes
+from .shard_names import ShardNameError
 
 PROG = "crossmae-eval"
-
-
-class UsageError(ValueError):
-    """Bad input found before any work: one line, exit 2."""
 
 
 def one_line(e: BaseException) -> str:
@@ -47,85 +50,6 @@ def one_line(e: BaseException) -> str:
     return f"{name}: {text}"
 
 
-@dataclass
-class Export:
-    url: str
-    config: dict  # timm config.json
-    info: dict  # export.json (missing fields read as None)
-
-    @classmethod
-    def read(cls, url: str) -> "Export":
-        return cls(url, json.loads(storage.read_bytes(storage.join(url, "config.json"))),
-                   json.loads(storage.read_bytes(storage.join(url, "export.json"))))
-
-    @property
-    def step(self) -> int | None:
-        return self.info.get("step")
-
-    @cached_property
-    def weights_sha256(self) -> str:
-        return self.info.get("weights_sha256") or knn.sha256_of(storage.join(self.url, "model.safetensors"))
-
-    @property
-    def image_size(self) -> int:
-        return int(self.config["model_args"]["img_size"])
-
-    def encoder(self) -> torch.nn.Module:
-        from safetensors.torch import load
-
-        from crossmae.timm_export import create_timm_encoder
-
-        tensors = load(storage.read_bytes(storage.join(self.url, "model.safetensors")))
-        model, missing = create_timm_encoder(self.config, tensors)
-        if missing:
-            raise ValueError(f"{self.url}: export lacks encoder weights {missing[:3]}")
-        return model.eval().requires_grad_(False)
-
-
-def find_exports(target: str) -> tuple[list[Export], dict[str, str], bool]:
-    """(exports sorted by step then URL, {url: error} of unreadable ones, whether ``target`` is
-    itself an export rather than a prefix holding many)."""
-    if storage.exists(storage.join(target, "export.json")):
-        return [Export.read(target)], {}, True
-    exports, broken = [], {}
-    for url, _ in storage.list_objects(storage.join(target, "")):
-        if url.endswith("/export.json"):
-            try:
-                exports.append(Export.read(url[:-len("/export.json")]))
-            except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
-                broken[url[:-len("/export.json")]] = one_line(e)
-    return sorted(exports, key=lambda e: (e.step is None, e.step or 0, e.url)), broken, False
-
-
-@dataclass
-class Dataset:
-    manifest: str
-    sha256: str
-    split: str
-    num_samples: int
-    num_classes: int
-    classes_sha256: str | None = None  # of the label -> class name list (the class map); None: the manifest has none
-
-    @classmethod
-    def read(cls, url: str) -> "Dataset":
-        try:
-            data = storage.read_bytes(url)
-            m = json.loads(data)
-            classes = m.get("classes") or []
-            return cls(url, hashlib.sha256(data).hexdigest(), m.get("split", "unknown"), int(m["num_samples"]),
-                       len(classes), hashlib.sha256(json.dumps(classes).encode()).hexdigest() if classes else None)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise UsageError(f"manifest {url}: {type(e).__name__}: {e} (write one with crossmae-prep)") from e
-
-
-def check_same_classes(train: Dataset, val: Dataset) -> None:
-    """Labels only mean the same class under one class map: a k-NN or probe across two maps
-    gives a number (20% top-1 was seen) that means nothing."""
-    if train.classes_sha256 and val.classes_sha256 and train.classes_sha256 != val.classes_sha256:
-        raise UsageError(f"--train and --val have different class maps ({train.num_classes} vs {val.num_classes} "
-                         f"classes; label i is a different class): {train.manifest} vs {val.manifest}")
-
-
 def features(export: Export, data: Dataset, role: str, args, encoder_cache: dict, log: dict) -> knn.Features:
     """Frozen features of the dataset, cached per (weights sha, manifest sha, split, image size,
     precision: bf16 autocast on GPUs, fp32 on CPUs)."""
@@ -133,14 +57,20 @@ def features(export: Export, data: Dataset, role: str, args, encoder_cache: dict
     name = f"{export.weights_sha256[:16]}-{data.sha256[:16]}-{data.split}-{export.image_size}px-{precision}.safetensors"
     url = storage.join(args.cache_dir or storage.join(export.url, "eval", "features"), name)
     if not args.no_cache and storage.exists(url):
-        log[role] = "hit"
-        return knn.load_features(url)
+        try:
+            feats = knn.load_features(url)
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own types; any damage: recompute
+            print(f"{PROG}: {url}: damaged feature cache ({one_line(e)}): recomputing", file=sys.stderr)
+        else:
+            log[role] = "hit"
+            return check_finite(export, feats, data, f"cached in {url}; --no-cache recomputes")
     if "model" not in encoder_cache:
         encoder_cache["model"] = export.encoder()
     feats = knn.extract(encoder_cache["model"], data.manifest, export.image_size, args.batch_size, args.workers,
                         device(args), progress=f"{data.split} features")
     if len(feats.label) != data.num_samples:
         raise ValueError(f"{data.manifest}: got {len(feats.label)} samples, the manifest lists {data.num_samples}")
+    check_finite(export, feats, data, "its weights are damaged or diverged")  # before anything is cached
     log[role] = "off" if args.no_cache else "miss"
     if not args.no_cache:
         knn.save_features(url, feats, dict(export=export.url, manifest=data.manifest, split=data.split))
@@ -168,7 +98,7 @@ def result_key(job: str, export: Export, train: Dataset, val: Dataset, args) -> 
     under the same key."""
     parts = dict(weights=export.weights_sha256, train=train.sha256, val=val.sha256,
                  protocol=protocol(job, export, train, args))
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    return sha256_bytes(json.dumps(parts, sort_keys=True).encode())
 
 
 def stale_reason(old: dict, export: Export, train: Dataset, val: Dataset, proto: dict) -> str:
@@ -236,10 +166,16 @@ JOBS = {"knn": run_knn, "linprobe": run_linprobe}
 def evaluate(job: str, export: Export, train: Dataset, val: Dataset, args) -> dict:
     """Run one job on one export and write ``<export>/eval/<name>.json``; returns the result."""
     t0 = time.time()
+    _, model_sha256, verified = export.load()  # read and checked even where cached features answer
+    if not verified:
+        print(f"{PROG}: {export.url}: warning: its export.json records no sha256 of model.safetensors (not written "
+              f"by crossmae-export): the weights are not verified", file=sys.stderr)
     metrics, config = JOBS[job](export, train, val, args)
     config.update(encoder_batch=args.batch_size, image_size=export.image_size, device=str(device(args)))
     result = dict(job=job, name=args.name or job, metrics=metrics, export=export.url, tag=export.info.get("tag"),
                   step=export.step, epoch=export.info.get("epoch"), weights_sha256=export.weights_sha256,
+                  read_sha256={"model.safetensors": model_sha256, "config.json": export.config_sha256},
+                  verified=verified,
                   dataset={role: asdict(d) for role, d in (("train", train), ("val", val))},
                   protocol=protocol(job, export, train, args), key=result_key(job, export, train, val, args),
                   config=config, seconds=round(time.time() - t0, 2),
@@ -274,9 +210,13 @@ def read_result(url: str) -> dict | None:
     return r if isinstance(r, dict) else {}
 
 
+def failure(url: str, e: BaseException) -> str:
+    """The stderr line of a failed export: the export's URL once, then the cause."""
+    text = " ".join(str(e).split())
+    return text if isinstance(e, BAD_EXPORT) and text.startswith(url + ":") else f"{url}: {one_line(e)}"
+
+
 def run_sweep(args) -> int:
-    if args.job == "knn" and min(args.k) < 1:
-        raise UsageError(f"--k must be positive, not {min(args.k)}")
     train, val = Dataset.read(args.train), Dataset.read(args.val)
     check_same_classes(train, val)
     if args.job == "knn" and max(args.k) > train.num_samples:
@@ -287,7 +227,8 @@ def run_sweep(args) -> int:
     if not exports and not broken:
         raise UsageError(f"{args.target}: no export (no export.json there or under it)")
     for url, error in broken.items():
-        print(f"{PROG}: {url}: unreadable export: {error}", file=sys.stderr)
+        line = failure(url, error) if isinstance(error, BAD_EXPORT) else f"{url}: unreadable export: {one_line(error)}"
+        print(f"{PROG}: {line}", file=sys.stderr)
     index = select_index(args.index)
     if index is not None:
         if index >= len(exports):
@@ -296,23 +237,26 @@ def run_sweep(args) -> int:
             return 0
         exports = exports[index:index + 1]
     done, skipped, stale, failed = 0, 0, 0, len(broken) if index is None else 0
+    bad = sum(isinstance(e, BAD_EXPORT) for e in broken.values()) if index is None else 0
     name = args.name or args.job
     for export in exports:
-        old = None if args.force else read_result(result_url(export.url, name))
-        if old is not None:
-            if old.get("key") == result_key(args.job, export, train, val, args):
-                skipped += 1
-                continue
-            stale += 1
-            print(f"{PROG}: {export.url}: eval/{name}.json does not match ("
-                  f"{stale_reason(old, export, train, val, protocol(args.job, export, train, args))}): recomputing",
-                  file=sys.stderr)
         try:
+            old = None if args.force else read_result(result_url(export.url, name))
+            if old is not None:
+                if old.get("key") == result_key(args.job, export, train, val, args):
+                    skipped += 1
+                    continue
+                stale += 1
+                print(f"{PROG}: {export.url}: eval/{name}.json does not match ("
+                      f"{stale_reason(old, export, train, val, protocol(args.job, export, train, args))}): "
+                      "recomputing", file=sys.stderr)
             res = evaluate(args.job, export, train, val, args)
         except Exception as e:  # noqa: BLE001 - one broken export (any cause) is counted; the sweep goes on
-            failed += 1
-            print(f"{PROG}: {export.url}: {one_line(e)}", file=sys.stderr)
+            failed, bad = failed + 1, bad + isinstance(e, BAD_EXPORT)
+            print(f"{PROG}: {failure(export.url, e)}", file=sys.stderr)
             continue
+        finally:
+            export.release()  # one export's weights in memory at a time
         done += 1
         m = res["metrics"]
         print(f"{name} {export.url} step {export.step}: top1 {m['top1']:.2f} top5 {m['top5']:.2f} "
@@ -321,7 +265,7 @@ def run_sweep(args) -> int:
           f"protocol; --force redoes), {failed} failed", file=sys.stderr)
     if args.report or (not single and index is None):
         write_report(args.target, args.report or args.target, PROG)
-    return 1 if failed else 0
+    return 2 if bad else 1 if failed else 0
 
 
 def run_report(args) -> int:
@@ -337,6 +281,51 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+# argparse types: nonsense is refused before any work, as "argument --temperature: must be ..."
+# (--temperature 0 divided every similarity by zero and reported 8% top-1 with exit 0)
+def whole(low: int):
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, not {n}")
+        return n
+    return parse
+
+
+def positive_number(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(x) and x > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, not {text}")
+    return x
+
+
+def plain_name(text: str) -> str:
+    """--name becomes <export>/eval/NAME.json: a file name, never a path."""
+    if not text or text in (".", "..") or any(c in text for c in "/\\\0"):
+        raise argparse.ArgumentTypeError(f"must be a plain file name (no '/'), not {text!r}")
+    return text
+
+
+def device_name(text: str) -> str:
+    if text == "auto":
+        return text
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a device: {text!r} (auto, cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text}: only cpu and cuda devices are supported")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog=PROG, description="Evaluate exported encoders: k-NN, linear probe, fine-tune, report.")
     sub = ap.add_subparsers(dest="job", required=True, parser_class=_Parser)
@@ -346,31 +335,33 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("target", help="an export, or a prefix holding many (local or s3://)")
         p.add_argument("--train", required=True, help="training split manifest (crossmae-prep)")
         p.add_argument("--val", required=True, help="evaluation split manifest")
-        p.add_argument("--name", help=f"result name: <export>/eval/NAME.json (default: {job})")
-        p.add_argument("--batch-size", type=int, default=256, help="images per encoder forward")
-        p.add_argument("--workers", type=int, default=4, help="loader worker processes")
-        p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1")
+        p.add_argument("--name", type=plain_name, help=f"result name: <export>/eval/NAME.json (default: {job})")
+        p.add_argument("--batch-size", type=whole(1), default=256, help="images per encoder forward")
+        p.add_argument("--workers", type=whole(0), default=4, help="loader worker processes (0: in this process)")
+        p.add_argument("--device", type=device_name, default="auto", help="auto (cuda if present), cpu, cuda, cuda:1")
         p.add_argument("--cache-dir", help="feature cache (default <export>/eval/features)")
         p.add_argument("--no-cache", action="store_true", help="neither read nor write cached features")
         p.add_argument("--force", action="store_true", help="evaluate even where the result exists")
         p.add_argument("--index", help="evaluate only the I-th export of the prefix; 'auto': Slurm/K8s array index")
         p.add_argument("--report", help="also write the report here (default: the prefix, for sweeps)")
         if job == "knn":
-            p.add_argument("--k", type=int, nargs="+", default=list(knn.KS), help="neighbour counts (k=20: headline)")
-            p.add_argument("--temperature", type=float, default=knn.TEMPERATURE)
+            p.add_argument("--k", type=whole(1), nargs="+", default=list(knn.KS),
+                           help="neighbour counts (k=20: headline)")
+            p.add_argument("--temperature", type=positive_number, default=knn.TEMPERATURE,
+                           help=f"votes weigh exp(cosine / T) (default {knn.TEMPERATURE}, DINO's)")
         else:
             d = linprobe.ProbeConfig()
             p.add_argument("--pool", choices=("cls", "avg"), default=d.pool)
-            p.add_argument("--epochs", type=int, default=d.epochs)
-            p.add_argument("--probe-batch", type=int, default=d.batch_size,
+            p.add_argument("--epochs", type=whole(1), default=d.epochs)
+            p.add_argument("--probe-batch", type=whole(1), default=d.batch_size,
                            help=f"head training batch (default: MAE's {linprobe.MAE_BATCH}, capped to "
                                 f"{linprobe.MIN_STEPS_PER_EPOCH} steps per epoch)")
-            p.add_argument("--blr", type=float, default=d.blr, help="lr = blr x batch / 256")
-            p.add_argument("--lr", type=float, help="absolute lr (overrides --blr)")
-            p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs)
+            p.add_argument("--blr", type=positive_number, default=d.blr, help="lr = blr x batch / 256")
+            p.add_argument("--lr", type=positive_number, help="absolute lr (overrides --blr)")
+            p.add_argument("--warmup-epochs", type=whole(0), default=d.warmup_epochs)
             p.add_argument("--optimizer", choices=("auto", "lars", "sgd"), default=d.optimizer,
                            help="auto: LARS at MAE's batch, SGD below it")
-            p.add_argument("--seed", type=int, default=d.seed)
+            p.add_argument("--seed", type=whole(0), default=d.seed)
             p.add_argument("--augment", action="store_true", help="encoder per epoch on augmented crops (slow on CPU)")
     p = sub.add_parser("report", help="table (markdown, CSV) and plot of all results under a prefix")
     p.add_argument("target")
@@ -396,15 +387,18 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     try:
         return run_report(args) if args.job == "report" else run_sweep(args)
-    except UsageError as e:
+    except (UsageError, ShardNameError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    except (OSError, ValueError, RuntimeError) as e:
-        print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
-        return 1
+    except BAD_EXPORT as e:  # e.g. config.json of a single export does not match its export.json
+        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; re-run the same command: finished results are kept", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - OS and library errors name their file or URL; one line, no traceback
+        print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ import argparse
 import concurrent.futures as cf
 import contextlib
 import dataclasses
-import hashlib
 import io
 import json
 import multiprocessing
@@ -46,6 +45,7 @@ from dataclasses import dataclass
 
 from . import checkpoints as ckpt
 from . import storage
+from .hashing import sha256_bytes, sha256_of
 
 PROG = "crossmae-export"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,18 +65,6 @@ class Job:
     run: dict | None = None  # run_info(): model config, preset, digests (None: a released file)
     preset: str | None = None  # released files: head counts from this preset
     code_version: str | None = None
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_of(url: str) -> str:
-    h = hashlib.sha256()
-    with storage.open_read(url) as f:
-        while chunk := f.read(16 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def code_version() -> str | None:
@@ -158,10 +146,10 @@ def run_info(source: str, config: str | None = None) -> dict:
         manifest["reason"] = "data.train is not a manifest (a shard pattern or unset)"
     else:
         try:
-            manifest["sha256"] = sha256(storage.read_bytes(cfg.data.train))
+            manifest["sha256"] = sha256_of(cfg.data.train)
         except (OSError, ValueError) as e:  # moved, another machine's path, no credentials
             manifest["reason"] = f"manifest not readable here: {str(e).splitlines()[0]}"
-    return dict(config_url=_url(url), config_sha256=sha256(raw), preset=cfg.model.preset,
+    return dict(config_url=_url(url), config_sha256=sha256_bytes(raw), preset=cfg.model.preset,
                 model_config=model_config, data_manifest=manifest)
 
 
@@ -189,9 +177,9 @@ def consolidate(ckpt_dir: str) -> tuple[dict, dict]:
     import torch
     from deepspeed.utils import zero_to_fp32 as z
 
-    from .checkpoints import check_weights_only
+    from .checkpoint_integrity import verify_checkpoint
 
-    check_weights_only(ckpt_dir)  # DeepSpeed's loaders below unpickle with weights_only=False
+    verify_checkpoint(ckpt_dir)  # sizes + sha256 against the save-time manifests, then weights-only pickles
     client = torch.load(z.get_model_state_files(ckpt_dir)[0], map_location="cpu", weights_only=True)
     if not any(n.endswith("_optim_states.pt") for n in os.listdir(ckpt_dir)):  # ZeRO-0: nothing sharded
         return {k: v.float() for k, v in client["module"].items()}, client
@@ -256,7 +244,7 @@ def export_model(model, out: str, record: dict, full: bool = False) -> dict:
         with storage.open_write(storage.join(out, name)) as f:
             f.write(data)
     record = dict(record, weights_sha256=tensors_sha256(tensors), model_config=dataclasses.asdict(model.config),
-                  files={n: dict(sha256=sha256(d), bytes=len(d)) for n, d in blobs.items()},
+                  files={n: dict(sha256=sha256_bytes(d), bytes=len(d)) for n, d in blobs.items()},
                   time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     storage.write_bytes(storage.join(out, "export.json"), json.dumps(record, indent=1).encode())
     return record
@@ -291,7 +279,10 @@ def run_job(job: Job) -> dict:
                     seconds=round(time.time() - t0, 2))
     except Exception as e:  # noqa: BLE001 - one bad checkpoint must not stop the batch; reported in one line
         msg = " ".join(str(e).split()) or type(e).__name__
-        return dict(result, status="failed", error=f"{type(e).__name__}: {msg}"[:500], seconds=round(time.time() - t0, 2))
+        # torch / DeepSpeed messages often name no file ("failed finding central directory"): name the source
+        where = "" if job.source in msg or job.out in msg else f" (reading {job.source})"
+        return dict(result, status="failed", error=f"{type(e).__name__}: {msg}"[:500] + where,
+                    seconds=round(time.time() - t0, 2))
 
 
 def _init_worker(threads: int) -> None:
@@ -405,7 +396,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         storage.exists(summary_url)  # an unusable OUT (bad URL, no credentials) fails before any work
         if released:
-            name = args.name or os.path.basename(args.file.rstrip("/")).removesuffix(".pth")
+            name = args.name if args.name is not None else os.path.basename(args.file.rstrip("/")).removesuffix(".pth")
+            if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
+                raise ExportError(f"--name must be a plain directory name (no '/'), not {name!r}")
+            if args.preset:
+                from crossmae import model_config
+
+                try:
+                    model_config(args.preset)
+                except ValueError as e:
+                    raise ExportError(f"--preset: {e}") from None
             if not storage.exists(args.file):
                 raise ExportError(f"no such file {args.file}")
             results = run_jobs([Job(source=_url(args.file), out=storage.join(_url(args.out), name), tag=name,
@@ -419,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ExportError, OSError, ValueError) as e:
         print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - a library's own error type (botocore, yaml): one line, no traceback
+        print(f"{PROG}: error: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
     counts = {s: sum(r["status"] == s for r in results) for s in ("exported", "skipped", "failed")}
     summary = dict(source=_url(args.file if released else args.source), out=_url(args.out), **counts,
                    seconds=round(time.time() - t0, 2), items=results)

@@ -13,22 +13,20 @@ random erasing, mixup/cutmix and label smoothing; top-1/top-5 on the val manifes
 epoch, each val sample counted exactly once across ranks (every collective through
 pipelines.distributed, whose tensors are on the device the backend needs: CUDA under NCCL). Writes ``run.output``/metrics.jsonl,
 config.yaml, deepspeed.json, checkpoints/epoch####/ (``--resume auto``), and the result
-``<export>/eval/finetune.json``.
+``<export>/eval/finetune.json``. The export's files are checked against the sha256 its
+export.json records before use (pipelines/eval_inputs.py; the result records the sha256 of the
+bytes read), its weights must be finite, and every config value is checked (finetune_config.py).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import os
 import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Literal
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -36,102 +34,30 @@ import yaml
 
 from . import config as config_loader
 from . import distributed, storage
+from .eval_inputs import BAD_EXPORT, BadExport, Export
+from .finetune_config import FinetuneConfig
+from .hashing import sha256_bytes
 from .loaders import LoaderConfig, build_loader
 from .optim import lr_at, set_lr
-from .train_config import DeepSpeedSection, deepspeed_config, resolve_precision
+from .train_config import deepspeed_config, resolve_precision
 from .transforms import IMAGENET_MEAN, mae_train, normalize_batch
 
 
-@dataclass
-class FtModelSection:
-    drop_path: float = 0.1
-    global_pool: Literal["avg", "token"] = "avg"  # avg: mean of patch tokens + fc_norm (CrossMAE, MAE)
-    head_init_std: float = 2e-5  # MAE: trunc_normal_(head.weight, std=2e-5)
-
-
-@dataclass
-class FtDataSection:
-    train: str = ""  # manifest URLs (crossmae-prep); the image size is the export's
-    val: str = ""
-    num_workers: int = 8
-    block_size: int = 512
-    shard_cache_dir: str | None = None
-    shard_cache_bytes: int = 0
-
-
-@dataclass
-class FtOptimSection:
-    """MAE's ViT-B fine-tuning: AdamW (0.9, 0.999), wd 0.05, blr 5e-4, lr = blr * batch / 256
-    (1024 -> 2e-3), layer decay 0.65 (0.75 for L/H), 100 epochs with 5 warmup, min lr 1e-6."""
-
-    blr: float = 5e-4
-    lr: float | None = None  # absolute peak lr: overrides blr scaling
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.05
-    layer_decay: float = 0.65
-    epochs: int = 100
-    warmup_epochs: int = 5
-    min_lr: float = 1e-6
-    gradient_clipping: float = 0.0  # MAE fine-tuning: none
-
-
-@dataclass
-class AugmentSection:
-    crop_scale: tuple[float, float] = (0.08, 1.0)  # timm's RandomResizedCrop for fine-tuning (bicubic, + flip)
-    randaug: str = "rand-m9-mstd0.5-inc1"  # timm policy string; "" = off
-    reprob: float = 0.25  # random erasing (pixel mode, one box)
-    mixup: float = 0.8  # alphas; both 0 = off
-    cutmix: float = 1.0
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    mixup_mode: Literal["batch", "pair", "elem"] = "batch"
-    smoothing: float = 0.1
-
-
-@dataclass
-class FtRunSection:
-    output: str = "runs/finetune"
-    seed: int = 0
-    log_every: int = 20  # steps
-    eval_every: int = 1  # epochs (the last epoch is always evaluated)
-    save_every: int = 1  # epochs; 0 = no checkpoints (only the newest is kept)
-    max_epochs: int | None = None  # stop early (tests); the schedule still spans optim.epochs
-
-
-@dataclass
-class FinetuneConfig:
-    model: FtModelSection = field(default_factory=FtModelSection)
-    data: FtDataSection = field(default_factory=FtDataSection)
-    optim: FtOptimSection = field(default_factory=FtOptimSection)
-    augment: AugmentSection = field(default_factory=AugmentSection)
-    deepspeed: DeepSpeedSection = field(default_factory=lambda: DeepSpeedSection(micro_batch=128))  # x 8 GPUs = 1024
-    run: FtRunSection = field(default_factory=FtRunSection)
-
-    def effective_batch(self, world_size: int) -> int:
-        return self.deepspeed.micro_batch * self.deepspeed.grad_accum * world_size
-
-    def learning_rate(self, world_size: int) -> float:
-        return self.optim.lr if self.optim.lr is not None else self.optim.blr * self.effective_batch(world_size) / 256
-
-    def validate(self) -> None:
-        if not self.data.train or not self.data.val:
-            raise config_loader.ConfigError("data.train and data.val must be set (manifest URLs)")
-        if (self.augment.mixup > 0 or self.augment.cutmix > 0) and self.deepspeed.micro_batch % 2:
-            raise config_loader.ConfigError("mixup/cutmix need an even deepspeed.micro_batch")
-        if not 0 < self.optim.layer_decay <= 1:
-            raise config_loader.ConfigError("optim.layer_decay must be in (0, 1]")
-
-
 # ---------------------------------------------------------------- export -> model
-def read_export(url: str) -> tuple[dict, dict, dict]:
-    """(tensors, timm config, export.json) from an export directory or prefix."""
-    from safetensors.torch import load
-
-    tensors = load(storage.read_bytes(storage.join(url, "model.safetensors")))
-    config = json.loads(storage.read_bytes(storage.join(url, "config.json")))
-    meta_url = storage.join(url, "export.json")
-    meta = json.loads(storage.read_bytes(meta_url)) if storage.exists(meta_url) else {}
-    return tensors, config, meta
+def read_export(url: str) -> tuple[dict, dict, dict, dict]:
+    """(tensors, timm config, export.json, what was read: sha256 per file and whether export.json
+    vouched for them) of an export directory or prefix; its files are read once and checked
+    against export.json (eval_inputs.Export), and its weights must be finite (NaN weights trained
+    to a NaN loss and a chance-level top-1)."""
+    export = Export.read(url)
+    tensors, model_sha256, verified = export.load()
+    bad = sorted(k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all())
+    if bad:
+        raise BadExport(f"{url}: model.safetensors holds non-finite weights ({len(bad)} tensors: "
+                        f"{', '.join(bad[:3])}): the run diverged or the file is damaged")
+    read = dict(sha256={"model.safetensors": model_sha256, "config.json": export.config_sha256}, verified=verified,
+                weights_sha256=export.weights_sha256)
+    return tensors, export.config, export.info, read
 
 
 def build_model(config: dict, tensors: dict, num_classes: int, cfg: FinetuneConfig) -> torch.nn.Module:
@@ -241,11 +167,30 @@ def evaluate(engine, loader, device, dtype) -> dict:
 
 
 # ---------------------------------------------------------------- training
-def _sha256(url: str) -> str:
-    return hashlib.sha256(storage.read_bytes(url)).hexdigest()
+def read_manifest(key: str, url: str) -> tuple[dict, str]:
+    """(manifest, sha256 of the bytes read): read once."""
+    data = storage.read_bytes(url)
+    try:
+        manifest = json.loads(data)
+        if not isinstance(manifest, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise config_loader.ConfigError(f"{key} {url}: not a manifest ({e}; write one with crossmae-prep)") from None
+    return manifest, sha256_bytes(data)
 
 
-def finetune(cfg: FinetuneConfig, export: str, resume: str = "auto") -> dict:
+def read_inputs(cfg: FinetuneConfig, export: str) -> dict:
+    """Everything the run reads before it starts, each file read once and checked: the export
+    (read_export) and both manifests (read_manifest); and the run directory, made. main calls
+    it before DeepSpeed starts, so a damaged export, a bad manifest or an unwritable run.output is
+    one line in seconds (DeepSpeed's start took 10 s to 5 min here, building its CPU comm op)."""
+    os.makedirs(os.path.join(cfg.run.output, "checkpoints"), exist_ok=True)
+    return dict(export=read_export(export),
+                manifests={s: read_manifest(f"data.{s}", getattr(cfg.data, s)) for s in ("train", "val")})
+
+
+def finetune(cfg: FinetuneConfig, export: str, resume: str = "auto", inputs: dict | None = None) -> dict:
+    """Fine-tune the export; ``inputs``: read_inputs(cfg, export), when the caller read them."""
     import deepspeed
     from timm.data import Mixup
     from timm.data.random_erasing import RandomErasing
@@ -262,13 +207,22 @@ def finetune(cfg: FinetuneConfig, export: str, resume: str = "auto") -> dict:
     precision = resolve_precision(cfg, on_gpu)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
-    tensors, tconfig, meta = read_export(export)
-    size = tconfig["model_args"]["img_size"]
-    manifests = {s: json.loads(storage.read_bytes(getattr(cfg.data, s))) for s in ("train", "val")}
+    inputs = inputs or read_inputs(cfg, export)
+    tensors, tconfig, meta, read = inputs["export"]
+    if not read["verified"] and rank == 0:
+        print(f"crossmae-eval finetune: {export}: warning: its export.json records no sha256 of model.safetensors "
+              "(not written by crossmae-export): the weights are not verified", file=sys.stderr)
+    size = Export(export, tconfig, meta).image_size
+    read_manifests = inputs["manifests"]
+    manifests = {s: m for s, (m, _) in read_manifests.items()}
     classes = manifests["train"].get("classes") or []
     if manifests["val"].get("classes", classes) != classes:
         raise config_loader.ConfigError("data.train and data.val have different class lists")
-    num_classes = len(classes) or manifests["train"]["source"]["num_classes"]
+    try:
+        num_classes = len(classes) or int(manifests["train"]["source"]["num_classes"])
+    except (KeyError, TypeError, ValueError):
+        raise config_loader.ConfigError(f"data.train {cfg.data.train}: the manifest has neither classes nor "
+                                        "source.num_classes") from None
 
     def loader(split: str, train: bool):
         lc = LoaderConfig(manifest=getattr(cfg.data, split), batch_size=cfg.deepspeed.micro_batch,
@@ -375,7 +329,8 @@ def finetune(cfg: FinetuneConfig, export: str, resume: str = "auto") -> dict:
     summary = dict(job="finetune", metrics=dict(top1=result.get("top1"), top5=result.get("top5"), best_top1=best,
                                                 epochs=epoch),
                    export=export, tag=meta.get("tag"), step=meta.get("step"),
-                   dataset={s: dict(manifest=getattr(cfg.data, s), sha256=_sha256(getattr(cfg.data, s)),
+                   weights_sha256=read["weights_sha256"], read_sha256=read["sha256"], verified=read["verified"],
+                   dataset={s: dict(manifest=getattr(cfg.data, s), sha256=read_manifests[s][1],
                                     num_samples=manifests[s].get("num_samples")) for s in ("train", "val")},
                    config=config_loader.to_dict(cfg), derived=derived, output=out,
                    seconds=round(time.time() - t_start, 1),
@@ -416,13 +371,17 @@ def main(argv: list[str] | None = None) -> int:
         args = ap.parse_args(argv)
         cfg = config_loader.load(FinetuneConfig, args.config, args.overrides)
         cfg.validate()
-        for url in (storage.join(args.export, "model.safetensors"), cfg.data.train, cfg.data.val):
+        for url in (*(storage.join(args.export, n) for n in ("export.json", "model.safetensors")), cfg.data.train,
+                    cfg.data.val):
             if not storage.exists(url):
                 raise config_loader.ConfigError(f"not found: {url}")
-        finetune(cfg, args.export, args.resume)
-    except (config_loader.ConfigError, storage.StorageError) as e:
-        print(f"crossmae-eval finetune: error: {e}", file=sys.stderr)
+        finetune(cfg, args.export, args.resume, read_inputs(cfg, args.export))
+    except (config_loader.ConfigError, storage.StorageError, *BAD_EXPORT) as e:
+        print(f"crossmae-eval finetune: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - OS / library errors (disk full, DeepSpeed): one line, not a traceback
+        print(f"crossmae-eval finetune: error: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
     return 0
 
 

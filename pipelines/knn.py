@@ -12,7 +12,6 @@ features, the k most similar training samples vote with weight exp(sim / T), T =
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from dataclasses import dataclass
@@ -38,10 +37,6 @@ class Features:
 
     def get(self, pool: str) -> torch.Tensor:
         return getattr(self, pool)
-
-
-def sha256_of(url: str) -> str:
-    return hashlib.sha256(storage.read_bytes(url)).hexdigest()
 
 
 def encode(encoder: torch.nn.Module, images: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,6 +116,8 @@ def knn_classify(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Te
                  ks=KS, temperature: float = TEMPERATURE, chunk: int = 1024) -> torch.Tensor:
     """Class scores (len(ks), N_test, C): for each k, the sum of exp(cos / T) over the test
     sample's k nearest training samples, per class. Features are L2-normalised here."""
+    if not temperature > 0:  # T <= 0 or NaN: every weight inf or NaN, a meaningless vote
+        raise ValueError(f"k-NN temperature must be > 0, not {temperature}")
     train = F.normalize(train.float(), dim=1)
     test = F.normalize(test.float(), dim=1)
     kmax = min(max(ks), len(train))

@@ -55,6 +55,10 @@ class ProbeConfig:
             raise ValueError(f"pool must be cls|avg and optimizer auto|lars|sgd, not {self.pool!r}, {self.optimizer!r}")
         if self.epochs < 1 or (self.batch_size is not None and self.batch_size < 1):
             raise ValueError("epochs and batch size must be positive")
+        if not all(x > 0 and math.isfinite(x) for x in (self.blr, self.lr if self.lr is not None else 1.0)):
+            raise ValueError(f"blr and lr must be finite and > 0, not {self.blr}, {self.lr}")
+        if self.warmup_epochs < 0 or self.seed < 0 or not (0 <= self.momentum < 1 and self.weight_decay >= 0):
+            raise ValueError("warmup epochs, seed and weight decay must be >= 0, momentum in [0, 1)")
 
     def resolve(self, num_train: int) -> tuple[int, str, str | None]:
         """(probe batch, optimizer, a warning or None) for a training set of ``num_train``

@@ -27,7 +27,6 @@ file, checked against the manifest's sha256, and reused while the hash matches.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from .epoch_order import EmptyEpochError, EpochCursor, EpochOrder  # noqa: F401 
 from .shard_names import shard_url
 from .transforms import MAETrainTransform, eval_transform
 from .wds_loader import LoaderCounters, StreamingLoader
+from .hashing import sha256_of
 
 
 @dataclass
@@ -75,20 +75,15 @@ def stage_local(url: str, sha256: str, cache_dir: str) -> str:
     if "://" not in url or url.startswith("file://"):
         return url.removeprefix("file://")
     path = os.path.join(cache_dir, sha256[:16] + "-" + url.rsplit("/", 1)[-1])
-    if os.path.exists(path) and _sha256(path) == sha256:
+    if os.path.exists(path) and sha256_of(path) == sha256:
         return path
     with storage.open_read(url) as src, storage.open_write(path) as dst:
         while chunk := src.read(8 << 20):
             dst.write(chunk)
-    if _sha256(path) != sha256:
+    if sha256_of(path) != sha256:
         os.unlink(path)
         raise storage.StorageError(f"{url}: staged copy does not match the manifest's sha256", url)
     return path
-
-
-def _sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class _FFCVLoader(EpochCursor, LoaderCounters):

@@ -158,7 +158,8 @@ class RunMetrics:
         skipped = sum(v for k, v in self.loader.stats.items() if k != "samples")
         return skipped, self.loader.state_dict().get("samples_seen", 0)
 
-    def step(self, step: int, result, lr: float, engine) -> None:
+    def step(self, step: int, result, lr: float, engine=None) -> None:
+        """``result`` is the TrainStep's StepResult (its grad_norm included); ``engine`` is unused."""
         self.steps_run += 1
         self.window += 1
         self.data_wait += result.data_wait
@@ -175,7 +176,7 @@ class RunMetrics:
         skipped_all, seen_all = distributed.all_reduce_values([skipped, seen])
         share_max = distributed.all_reduce(torch.tensor([share], dtype=torch.float64), op="max").item()
         ips = self.window * self.imgs_per_step / seconds
-        grad_norm = engine.get_global_grad_norm()
+        grad_norm = result.grad_norm  # a device tensor until here: the one read of it per log step
         stats = self.loader.stats
         self.obs.log(dict(step=step, epoch=self.loader.epoch, loss=sum(self.losses) / len(self.losses),
                           lr=lr, grad_norm=None if grad_norm is None else float(grad_norm),
@@ -215,6 +216,11 @@ class RunMetrics:
         if skipped_all:
             line += (f"; {int(skipped_all)} of {int(skipped_all + seen_all)} samples damaged and replaced "
                      "(see the warnings above; `crossmae-prep verify` names the shards)")
+        fallbacks = getattr(checkpointer, "fallbacks", None) or []
+        if fallbacks:
+            line += (f"; resumed past {len(fallbacks)} damaged checkpoint(s) ({', '.join(fallbacks)}; "
+                     "see the lines above)")
         self.obs.message(line)
         self.obs.close()
-        return dict(final_loss=self.last_loss, images_per_s=ips, skipped_samples=int(skipped_all))
+        return dict(final_loss=self.last_loss, images_per_s=ips, skipped_samples=int(skipped_all),
+                    resume_fallbacks=len(fallbacks))

@@ -7,10 +7,18 @@ import math
 import torch
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay on weight matrices only: biases, norms, 1-D parameters and the model's
-    ``no_weight_decay()`` names (tokens, position tables) get none (MAE's recipe)."""
-    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+# What this project exempted before 2026-12-02 (optim.decay_tokens=false): the tokens and the
+# position tables. Runs started then keep it on resume: their optimizer state has those groups.
+OLD_NO_DECAY = frozenset({"encoder.cls_token", "encoder.pos_embed", "decoder.mask_token", "decoder.decoder_pos_embed"})
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, decay_tokens: bool = True) -> list[dict]:
+    """The released rule (CrossMAE's and MAE's main_pretrain call timm's
+    ``param_groups_weight_decay`` / ``add_weight_decay`` with no skip list): no decay on biases
+    and 1-D parameters (norms); every other trainable tensor decays, the cls and mask tokens
+    (1, 1, D) and the fusion weight included. The sin-cos position tables are frozen: not trained.
+    ``decay_tokens=False``: this project's earlier rule (tokens exempt), for runs that began with it."""
+    skip = set() if decay_tokens else OLD_NO_DECAY
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -19,9 +27,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
 
-def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95)):
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95),
+                    decay_tokens: bool = True):
     fused = all(p.is_cuda for p in model.parameters())
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), fused=fused or None)
+    return torch.optim.AdamW(param_groups(model, weight_decay, decay_tokens), lr=lr, betas=tuple(betas),
+                             fused=fused or None)
 
 
 def lr_at(step: int, peak: float, warmup_steps: int, total_steps: int, min_lr: float = 0.0) -> float:

@@ -5,11 +5,14 @@
     crossmae-pretrain --config run.yaml run.max_steps=100          (one plain process)
 
 Reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR from the launcher (``--local_rank`` is
-accepted and ignored). Writes into ``run.output``: config.yaml (resolved), deepspeed.json,
-metrics.jsonl (rank 0), checkpoints/<tag>/ (DeepSpeed checkpoints whose client state holds the
-loader position, step and samples seen). ``--resume auto`` continues from the newest complete
-checkpoint with exactly the samples not yet seen, after checking that the checkpoint's model
-and data settings are the ones asked for.
+accepted and ignored). ``run.output`` is a local directory that belongs to one run: rank 0 locks
+it (run.lock; and ``run.store``) before writing anything (pipelines/run_lock.py), then writes
+run.json (the run's id), config.yaml (resolved), deepspeed.json, metrics.jsonl, and
+checkpoints/<tag>/ (DeepSpeed checkpoints whose client state holds the loader position, step,
+samples seen and run id). ``--resume auto`` continues from the newest complete checkpoint with
+exactly the samples not yet seen, after checking that the checkpoint's model and data settings
+and run id are the ones asked for; ``--resume none`` starts a new run, refused where one already
+is unless ``--move-old-run`` moves it into previous-<UTC time>/ (pipelines/run_checks.py).
 
 The components: pipelines/train_step.py (one optimizer step, shared with the GPU benchmark),
 pipelines/checkpointer.py (save / resume / store mirror), pipelines/observe.py (metrics),
@@ -31,11 +34,13 @@ import yaml
 from crossmae.flops import flops_per_image
 
 from . import config as config_loader
-from . import distributed, storage
+from . import distributed, run_lock, storage
 from .checkpointer import Checkpointer, complete_tags
 from .observe import DataLossError, Observer, RunMetrics, code_version
 from .optim import lr_at, set_lr
-from .run_checks import check_resume_config, describe_schedule_change, short_run_warning
+from .run_checks import (RunDirError, check_checkpoint_run, check_resume_config, check_run_paths, claim_run_directory,
+                         describe_os_error, describe_schedule_change, run_identity, short_run_warning,
+                         writing_checkpoint)
 from .train_config import PretrainConfig, deepspeed_config, default_num_workers, resolve_precision
 from .train_step import NonFiniteLoss, TrainStep, build_engine, device_batches
 
@@ -48,33 +53,64 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(on_gpu: bool) -> tuple[int, int]:
-    """(rank, world size); a plain process becomes a world of one."""
+def init_distributed(on_gpu: bool, run=None) -> tuple[int, int]:
+    """(rank, world size); a plain process becomes a world of one. ``run`` (a RunSection; None or
+    a section without them: RunSection's defaults) sets the collective and heartbeat timeouts;
+    a launched rank also dies with its launcher (pipelines/watchdog.py)."""
+    import atexit
+
     import deepspeed
 
+    from . import watchdog
+    from .train_config import RunSection
+
+    collective_s = float(getattr(run, "collective_timeout_s", RunSection.collective_timeout_s))
+    heartbeat_s = float(getattr(run, "heartbeat_timeout_s", RunSection.heartbeat_timeout_s))
+    watchdog.check_timeouts(collective_s, heartbeat_s)
     if "RANK" not in os.environ:  # a plain process: a world of one
+        watchdog.plain_process = True  # RANK below is ours: a later call in this process is no launched rank
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
+    elif not watchdog.plain_process:
+        watchdog.die_with_launcher()
     if on_gpu:  # before the process group: NCCL binds each rank's communicator to its device
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+        warning = watchdog.nccl_error_handling()
+        if warning and os.environ["RANK"] == "0":
+            print(f"{watchdog.program_name()}: warning: {warning}", file=sys.stderr)
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo",
+                               timeout=watchdog.collective_timeout(collective_s))
     distributed.install_device_check_from_env()  # tests: CROSSMAE_CHECK_COLLECTIVES=meta
-    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dog = watchdog.start(rank, world, heartbeat_s, watchdog.program_name())
+    if dog is not None:
+        atexit.register(dog.stop)  # a clean exit (also 143 after a stop signal) is not a lost rank
+    return rank, world
 
 
 class _StopRequest:
-    """SIGTERM / SIGUSR1 (preemption, Slurm's --signal, Kubernetes' grace period) only set a flag;
-    the flag rides on the step's all-reduce, and every rank then saves a checkpoint at the end
-    of the same step and stops."""
+    """SIGTERM / SIGUSR1 (preemption, Slurm's --signal, Kubernetes' grace period) and, once the
+    loop runs, SIGINT (Ctrl-C) only set a flag; the flag rides on the step's all-reduce, and every
+    rank then saves a checkpoint at the end of the same step and stops. Ctrl-C before the loop,
+    or a second one, stops at once (KeyboardInterrupt). Loader workers forked after this inherit
+    the handler and ignore the signals it handles: the trainer decides."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self):
-        self.requested = False
+        self.requested, self.name, self.armed, self.pid = False, None, False, os.getpid()
         self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
+    def arm(self):
+        self.armed = True
+
     def _handle(self, signum, frame):
+        if os.getpid() != self.pid:  # a forked loader worker
+            return
+        if signum == signal.SIGINT and (not self.armed or self.name == "SIGINT"):
+            raise KeyboardInterrupt
         self.requested = True
+        self.name = self.name or signal.Signals(signum).name
 
     def restore(self):
         for s, handler in self.previous.items():
@@ -136,19 +172,31 @@ def _write_run_files(cfg: PretrainConfig, ds_config: dict, derived: dict, world:
             storage.write_bytes(storage.join(cfg.run.store, name), text.encode())
 
 
-def train(cfg: PretrainConfig, resume: str = "auto") -> dict:
+def train(cfg: PretrainConfig, resume: str = "auto", move_old_run: bool = False) -> dict:
     on_gpu = torch.cuda.is_available()
-    rank, world = init_distributed(on_gpu)
+    rank, world = init_distributed(on_gpu, cfg.run)
+    stop, lock = _StopRequest(), None
+    try:
+        lock = run_lock.lock_run(cfg.run, rank, describe_os_error)  # before anything is written (rank 0)
+        claim_run_directory(cfg, resume, move_old_run, rank)  # --resume none never lands on another run
+        return _train(cfg, resume, stop, on_gpu, rank, world)
+    finally:
+        stop.restore()
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: PretrainConfig, resume: str, stop: _StopRequest, on_gpu: bool, rank: int, world: int) -> dict:
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     os.makedirs(os.path.join(cfg.run.output, "checkpoints"), exist_ok=True)  # every rank: none waits on rank 0
     loader = build_loader(cfg, rank, world, on_gpu)
     checkpointer = Checkpointer(cfg.run, rank, world)
-    stop = _StopRequest()
     try:
         derived = cfg.derived(loader.num_samples, world)  # refuses a batch larger than each rank's data
         tag = checkpointer.resume_tag() if resume == "auto" else None
         if tag:  # before anything is written or loaded: the checkpoint must be this run's model and data
             check_resume_config(cfg, checkpointer.root, tag, rank)
+        run_id = run_identity(cfg, tag, rank)  # a fresh run writes run.json; a resume reads it
         plan = checkpointer.prepare(tag) if tag else None
         engine, optimizer, dtype = build_engine(cfg, world, device, plan.ds_config_patch if plan else None,
                                                 lr=derived["lr"])
@@ -156,6 +204,7 @@ def train(cfg: PretrainConfig, resume: str = "auto") -> dict:
         step = samples = 0
         if plan:
             client = checkpointer.load(engine, plan)
+            check_checkpoint_run(cfg, tag, client, run_id)  # before the run's files are written
             step, samples = client["step"], client.get("samples", client["step"] * derived["effective_batch"])
             loader.load_state_dict(client["loader"])
             if rank == 0:
@@ -174,14 +223,17 @@ def train(cfg: PretrainConfig, resume: str = "auto") -> dict:
             if warning:
                 print(warning, file=sys.stderr)
         return _loop(cfg, engine, optimizer, loader, checkpointer, stop, derived, dtype, device, rank, world, step,
-                     samples)
+                     samples, run_id)
+    except KeyboardInterrupt:  # a second Ctrl-C: leave now, saying what did not reach the store
+        checkpointer.close(wait_s=0)
+        raise
     finally:
-        stop.restore()
         loader.close()
         checkpointer.close()
 
 
-def _loop(cfg, engine, optimizer, loader, checkpointer, stop, derived, dtype, device, rank, world, step, samples):
+def _loop(cfg, engine, optimizer, loader, checkpointer, stop, derived, dtype, device, rank, world, step, samples,
+          run_id):
     """The run's components, then the loop."""
     batches = device_batches(_forever(loader), cfg.data.image_size, device, dtype, state_source=loader)
     obs = Observer(cfg.run.output, rank == 0, derived["max_steps"], step, cfg.run.tensorboard)
@@ -193,7 +245,7 @@ def _loop(cfg, engine, optimizer, loader, checkpointer, stop, derived, dtype, de
     fixed = _fixed_batch(cfg, device)
     try:
         summary = _run_steps(cfg, engine, optimizer, checkpointer, stop, derived, batches, metrics, train_step,
-                             keys_log, fixed, world, step, samples)
+                             keys_log, fixed, world, step, samples, run_id)
     finally:
         batches.close()
         if keys_log:
@@ -202,9 +254,10 @@ def _loop(cfg, engine, optimizer, loader, checkpointer, stop, derived, dtype, de
 
 
 def _run_steps(cfg, engine, optimizer, checkpointer, stop, derived, batches, metrics, train_step, keys_log,
-               fixed, world, step, samples):
+               fixed, world, step, samples, run_id):
     """The training loop: one screen, top to bottom."""
     stopped = False
+    stop.arm()  # from here on Ctrl-C saves a checkpoint at the end of the step
     while step < derived["max_steps"]:
         lr = lr_at(samples, derived["lr"], derived["warmup_samples"], derived["total_samples"], cfg.optim.min_lr)
         set_lr(optimizer, lr)
@@ -218,15 +271,16 @@ def _run_steps(cfg, engine, optimizer, checkpointer, stop, derived, batches, met
             metrics.recon(step, engine.module, fixed)  # every rank: ZeRO-3 gathers parameters
         stopped = result.stop
         if step % cfg.run.save_every == 0 or step == derived["max_steps"] or stopped:
-            checkpointer.save(engine, step, dict(loader=batches.state_dict(), samples=samples,
-                                                 effective_batch=derived["effective_batch"], lr=derived["lr"],
-                                                 world_size=world, config=config_loader.to_dict(cfg)))
+            with writing_checkpoint(os.path.join(checkpointer.root, f"step{step:08d}")):  # a full disk: the cause
+                checkpointer.save(engine, step, dict(loader=batches.state_dict(), samples=samples, run_id=run_id,
+                                                     effective_batch=derived["effective_batch"], lr=derived["lr"],
+                                                     world_size=world, config=config_loader.to_dict(cfg)))
         if stopped:
             metrics.obs.message(f"stop requested by a signal: checkpoint step{step:08d} saved; --resume auto continues")
             break
     checkpointer.close(wait_s=60 if stopped else None)  # preemption grace periods are short
     distributed.barrier()
-    return dict(metrics.finish(step, checkpointer), step=step, stopped_by_signal=stopped)
+    return dict(metrics.finish(step, checkpointer), step=step, stopped_by_signal=stopped, signal=stop.name)
 
 
 def _forever(loader):
@@ -238,7 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="crossmae-pretrain", description="DeepSpeed pretraining of CrossMAE / MAE")
     ap.add_argument("--config", help="YAML config (sections: model, data, optim, deepspeed, run)")
     ap.add_argument("--resume", default="auto", choices=["auto", "none"],
-                    help="auto: continue from the newest complete checkpoint (local or in run.store)")
+                    help="auto: continue from the newest complete checkpoint (local or in run.store); none: start a "
+                         "new run (refused where run.output or run.store holds a run's checkpoints)")
+    ap.add_argument("--move-old-run", action="store_true",
+                    help="with --resume none: first move the run in run.output into run.output/previous-<UTC time>/")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.blr=1e-4")
     args = ap.parse_args(argv)
@@ -247,28 +304,40 @@ def main(argv: list[str] | None = None) -> int:
         if not cfg.data.train:
             raise config_loader.ConfigError("data.train is not set (a manifest URL or shard pattern)")
         cfg.validate()
+        check_run_paths(cfg.run)  # a URL, a file or a read-only place as run.output: before DeepSpeed starts
+        if args.move_old_run and args.resume != "none":
+            raise config_loader.ConfigError("--move-old-run goes with --resume none (it starts a new run)")
         if cfg.data.train.endswith(".json") and not storage.exists(cfg.data.train):  # fail before DeepSpeed starts
             raise config_loader.ConfigError(f"data.train: no such manifest {cfg.data.train}")
     except (config_loader.ConfigError, storage.StorageError) as e:
         print(f"crossmae-pretrain: error: {e}", file=sys.stderr)
         return 2
     try:
-        result = train(cfg, args.resume)
+        result = train(cfg, args.resume, args.move_old_run)
     except NonFiniteLoss as e:
         print(f"crossmae-pretrain: error: {e}; last checkpoint: {(complete_tags(cfg.run.output) or ['none'])[-1]}",
               file=sys.stderr)
         return 3
-    except (config_loader.ConfigError, storage.StorageError, FileNotFoundError, ValueError, DataLossError) as e:
+    except (config_loader.ConfigError, storage.StorageError, ValueError, DataLossError, run_lock.RunLockError,
+            RunDirError) as e:
         print(f"crossmae-pretrain: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a permission, a file in the way: the file and the cause, no traceback
+        print(f"crossmae-pretrain: error: {describe_os_error(e, cfg.run.output)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("crossmae-pretrain: interrupted (Ctrl-C) before training or a second time: stopped at once, nothing "
+              f"more saved; newest checkpoint: {(complete_tags(cfg.run.output) or ['none'])[-1]}", file=sys.stderr)
+        return 130
     except Exception as e:  # noqa: BLE001 - a bug or a device failure: the traceback, then the error as the last line
         traceback.print_exc()
         print(f"crossmae-pretrain: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     if result["stopped_by_signal"]:
-        print(f"crossmae-pretrain: stopped by a signal at step {result['step']} after saving a checkpoint; "
+        name = {"SIGINT": " (SIGINT, Ctrl-C)", None: ""}.get(result["signal"], f" ({result['signal']})")
+        print(f"crossmae-pretrain: stopped by a signal at step {result['step']}{name} after saving a checkpoint; "
               "run again with --resume auto to continue", file=sys.stderr)
-        return 143
+        return 130 if result["signal"] == "SIGINT" else 143
     if result["upload_failures"]:
         print(f"crossmae-pretrain: error: {result['upload_failures']} checkpoint(s) were not mirrored to "
               f"{cfg.run.store} (local copies kept in {cfg.run.output}/checkpoints)", file=sys.stderr)
@@ -281,7 +350,7 @@ def _exit(code: int) -> None:
     a crashed trainer alive (the last line stays the real error)."""
     sys.stdout.flush()
     sys.stderr.flush()
-    if code not in (0, 143):
+    if code not in (0, 130, 143):
         os._exit(code)
     sys.exit(code)
 

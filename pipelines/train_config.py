@@ -2,6 +2,8 @@
 derived quantity (effective batch, learning rate, steps) computed in one place."""
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -35,8 +37,9 @@ class DataSection:
 
 @dataclass
 class OptimSection:
-    """The paper's recipe: AdamW (0.9, 0.95), wd 0.05 (not on biases / norms / 1-D / tokens),
-    base lr 1.5e-4, lr = blr * effective_batch / 256 * (gamma / p) for CrossMAE (released code),
+    """The paper's recipe: AdamW (0.9, 0.95), wd 0.05 (not on biases / norms / 1-D params; the
+    cls and mask tokens decay, as in the released code), base lr 1.5e-4,
+    lr = blr * effective_batch / 256 * (gamma / p) for CrossMAE (released code),
     linear warmup then half-cosine per iteration to min_lr."""
 
     blr: float = 1.5e-4
@@ -47,6 +50,9 @@ class OptimSection:
     warmup_epochs: int = 40
     min_lr: float = 0.0
     gradient_clipping: float = 0.0  # the paper uses none; 0 = off
+    # The released rule: the cls and mask tokens decay. A resumed run whose config.yaml lacks this
+    # key began with this project's earlier rule (tokens exempt) and keeps it (pipelines/pretrain.py).
+    decay_tokens: bool = True
 
 
 @dataclass
@@ -80,6 +86,19 @@ class RunSection:
     tensorboard: bool = True
     upload_wait_s: float = 120.0  # a save waits at most this long for the previous checkpoint's upload
     close_wait_s: float = 900.0  # the end of a run waits this long for the last uploads (ViT-L ~4 GB: ~40 s at 100 MB/s)
+    # run.output / run.store lock (pipelines/run_lock.py): refreshed every lease / 6 (30 s); a lock whose
+    # holder ran on another host is taken over once its heartbeat is this old, so a requeued job waits <= 3 min
+    lock_lease_s: float = 180.0
+    # The process group's timeout: the longest one rank may wait in a collective for another. It must
+    # outlast every legitimate one-sided wait: the end-of-run barrier while each node's uploader gives the
+    # last checkpoint up to close_wait_s (900 s), a save's upload_wait_s (120 s) + writing ViT-L (~4 GB),
+    # S3 reads retrying for 120 s, the first torch.compile on a GPU (minutes). 30 min = 2x close_wait_s;
+    # DeepSpeed's default (10 min) is shorter than close_wait_s. A frozen peer is named far sooner below.
+    collective_timeout_s: float = 1800.0
+    # A peer whose heartbeat (a thread of its own, so long compiles and saves do not stall it;
+    # pipelines/watchdog.py) stood still this long is named and the job ends; 0 = off. 90 s + a 5 s check
+    # interval names a SIGSTOPped rank within ~100 s; raising it only delays that line.
+    heartbeat_timeout_s: float = 90.0
 
 
 @dataclass
@@ -90,37 +109,108 @@ class PretrainConfig:
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     run: RunSection = field(default_factory=RunSection)
 
-    def validate(self) -> None:
-        """Refuse values that would crash later or silently do nothing (one line each)."""
+    def validate(self, world_size: int | None = None) -> None:
+        """Refuse values that would crash later, silently do nothing or make no sense: one line
+        naming the key. ``world_size`` (default: the launcher's WORLD_SIZE, 1 for a plain process)
+        fixes the blr-derived peak lr that ``optim.min_lr`` must not exceed; ``derived()`` checks
+        that again with the running job's world size."""
         from .config import ConfigError
 
+        problem = next(self._problems(world_size), None)
+        if problem:
+            raise ConfigError(problem)
+
+    def _problems(self, world_size: int | None):
+        """The config's problems, most basic first (the first one is reported)."""
+        for section in dataclasses.fields(self):  # NaN / inf anywhere (configs built in Python skip the loader)
+            values = getattr(self, section.name)
+            for f in dataclasses.fields(values):
+                value = getattr(values, f.name)
+                if any(isinstance(v, float) and not math.isfinite(v)
+                       for v in (value if isinstance(value, (tuple, list)) else (value,))):
+                    yield f"{section.name}.{f.name} must be a finite number, got {value!r}"
+        m, d, o, ds, r = self.model, self.data, self.optim, self.deepspeed, self.run
+        betas_ok = len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas)
         checks = [
-            (self.deepspeed.micro_batch >= 1, f"deepspeed.micro_batch must be >= 1, got {self.deepspeed.micro_batch}"),
-            (self.deepspeed.grad_accum >= 1, f"deepspeed.grad_accum must be >= 1, got {self.deepspeed.grad_accum}"),
-            (self.run.max_steps is None or self.run.max_steps >= 1,
-             f"run.max_steps must be >= 1 (or unset for the whole schedule), got {self.run.max_steps}"),
-            (self.optim.epochs >= 1, f"optim.epochs must be >= 1, got {self.optim.epochs}"),
-            (0 <= self.optim.warmup_epochs <= self.optim.epochs,
-             f"optim.warmup_epochs must be in [0, optim.epochs={self.optim.epochs}], got {self.optim.warmup_epochs}"),
-            (self.run.save_every >= 1, f"run.save_every must be >= 1, got {self.run.save_every}"),
-            (self.run.log_every >= 1, f"run.log_every must be >= 1, got {self.run.log_every}"),
-            (self.run.recon_every >= 0, f"run.recon_every must be >= 0, got {self.run.recon_every}"),
-            (self.run.keep_last >= 1, f"run.keep_last must be >= 1, got {self.run.keep_last}"),
-            (self.data.num_workers is None or self.data.num_workers >= 0,
-             f"data.num_workers must be >= 0, got {self.data.num_workers}"),
-            (self.data.image_size >= 1, f"data.image_size must be >= 1, got {self.data.image_size}"),
-            (0.0 <= self.data.max_skipped_fraction <= 1.0,
-             f"data.max_skipped_fraction must be in [0, 1], got {self.data.max_skipped_fraction}"),
-            (self.run.upload_wait_s >= 0, f"run.upload_wait_s must be >= 0, got {self.run.upload_wait_s}"),
-            (self.run.close_wait_s >= 0, f"run.close_wait_s must be >= 0, got {self.run.close_wait_s}"),
+            (0.0 <= m.mask_ratio < 1.0, f"model.mask_ratio must be in [0, 1), got {m.mask_ratio}"),
+            (not m.preset.startswith("crossmae") or 0.0 < m.pred_ratio <= m.mask_ratio + 1e-9,
+             f"model.pred_ratio (the paper's gamma, a share of all patches) must be in (0, model.mask_ratio="
+             f"{m.mask_ratio}], got {m.pred_ratio}"),
+            (d.image_size >= 1, f"data.image_size must be >= 1, got {d.image_size}"),
+            (d.num_workers is None or d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}"),
+            (d.block_size >= 1, f"data.block_size must be >= 1, got {d.block_size}"),
+            (d.shard_cache_bytes >= 0, f"data.shard_cache_bytes must be >= 0, got {d.shard_cache_bytes}"),
+            (0.0 <= d.max_skipped_fraction <= 1.0,
+             f"data.max_skipped_fraction must be in [0, 1], got {d.max_skipped_fraction}"),
+            (o.blr > 0, f"optim.blr must be > 0, got {o.blr}"),
+            (o.lr is None or o.lr > 0, f"optim.lr must be > 0 (or unset: blr scaling), got {o.lr}"),
+            (betas_ok, f"optim.betas must be two values in [0, 1) (Adam's moment decays), got {list(o.betas)}"),
+            (o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}"),
+            (o.min_lr >= 0, f"optim.min_lr must be >= 0, got {o.min_lr}"),
+            (o.gradient_clipping >= 0, f"optim.gradient_clipping must be >= 0 (0 = off), got {o.gradient_clipping}"),
+            (o.epochs >= 1, f"optim.epochs must be >= 1, got {o.epochs}"),
+            (0 <= o.warmup_epochs < o.epochs,
+             f"optim.warmup_epochs must be in [0, optim.epochs={o.epochs}): a warm-up as long as the run never "
+             f"reaches the cosine; got {o.warmup_epochs}"),
+            (ds.micro_batch >= 1, f"deepspeed.micro_batch must be >= 1, got {ds.micro_batch}"),
+            (ds.grad_accum >= 1, f"deepspeed.grad_accum must be >= 1, got {ds.grad_accum}"),
+            (0 <= r.seed < 2**32, f"run.seed must be in [0, 2**32) (the data order uses 32 bits of it), got {r.seed}"),
+            (r.max_steps is None or r.max_steps >= 1,
+             f"run.max_steps must be >= 1 (or unset for the whole schedule), got {r.max_steps}"),
+            (r.save_every >= 1, f"run.save_every must be >= 1, got {r.save_every}"),
+            (r.keep_last >= 1, f"run.keep_last must be >= 1, got {r.keep_last}"),
+            (r.keep_every >= 0, f"run.keep_every must be >= 0 (0 = none), got {r.keep_every}"),
+            (r.log_every >= 1, f"run.log_every must be >= 1, got {r.log_every}"),
+            (r.recon_every >= 0, f"run.recon_every must be >= 0 (0 = off), got {r.recon_every}"),
+            (r.recon_images >= 1, f"run.recon_images must be >= 1, got {r.recon_images}"),
+            (r.max_nonfinite >= 1, f"run.max_nonfinite must be >= 1, got {r.max_nonfinite}"),
+            (r.peak_tflops is None or r.peak_tflops > 0,
+             f"run.peak_tflops must be > 0 (or unset: looked up from the GPU name), got {r.peak_tflops}"),
+            (r.upload_wait_s >= 0, f"run.upload_wait_s must be >= 0, got {r.upload_wait_s}"),
+            (r.close_wait_s >= 0, f"run.close_wait_s must be >= 0, got {r.close_wait_s}"),
+            (r.lock_lease_s > 0, f"run.lock_lease_s must be > 0, got {r.lock_lease_s}"),
+            (r.collective_timeout_s > 0, f"run.collective_timeout_s must be > 0, got {r.collective_timeout_s}"),
+            (r.heartbeat_timeout_s >= 0, f"run.heartbeat_timeout_s must be >= 0 (0 = off), got {r.heartbeat_timeout_s}"),
+            (r.collective_timeout_s > max(r.close_wait_s, r.upload_wait_s),
+             f"run.collective_timeout_s={r.collective_timeout_s} must exceed run.close_wait_s={r.close_wait_s} and "
+             f"run.upload_wait_s={r.upload_wait_s}: the last barrier waits while the uploads finish"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        yield from (message for ok, message in checks if not ok)
+        try:
+            patch = model_config(m.preset).patch_size
+        except ValueError as e:
+            yield f"model.preset: {e}"
+            return
+        if d.image_size % patch:
+            yield f"data.image_size={d.image_size} is not a multiple of the patch size {patch} of {m.preset}"
         try:
             self.model_config()
         except (KeyError, ValueError) as e:
-            raise ConfigError(f"model: {e}") from None
+            yield f"model: {e}"
+            return
+        if world_size is None:
+            try:
+                world_size = max(1, int(os.environ.get("WORLD_SIZE", "1")))
+            except ValueError:
+                world_size = 1
+        problem = self.min_lr_problem(world_size)
+        if problem:
+            yield problem
+
+    def min_lr_problem(self, world_size: int) -> str | None:
+        """optim.min_lr above the peak lr makes the half-cosine climb from the peak toward it."""
+        o = self.optim
+        peak = self.learning_rate(world_size)
+        if o.min_lr <= peak:
+            return None
+        if o.lr is not None:
+            source = f"optim.lr={o.lr:g}"
+        else:
+            mc = self.model_config()
+            ratio = f" x pred_ratio/mask_ratio {mc.pred_ratio:g}/{mc.mask_ratio:g}" if mc.decoder == "cross" else ""
+            source = (f"{peak:.3g} = optim.blr={o.blr:g} x effective batch {self.effective_batch(world_size)} / 256"
+                      f"{ratio} at world size {world_size}")
+        return f"optim.min_lr={o.min_lr:g} is above the peak lr {source}: the cosine would climb toward it"
 
     def model_config(self):
         m = self.model
@@ -161,6 +251,11 @@ class PretrainConfig:
         """The schedule is kept in SAMPLES (warmup and total), so a resume on another world size
         or batch continues the same lr curve; steps are derived from it for this world size."""
         spe = self.steps_per_epoch(num_samples, world_size)
+        problem = self.min_lr_problem(world_size)
+        if problem:
+            from .config import ConfigError
+
+            raise ConfigError(problem)
         eff = self.effective_batch(world_size)
         total = self.optim.epochs * spe
         return dict(world_size=world_size, effective_batch=eff, lr=self.learning_rate(world_size),

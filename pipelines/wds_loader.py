@@ -168,7 +168,7 @@ def _worker_signals(stopping, parent: int, worker_id: int) -> None:
         if stopping.value or os.getppid() != parent:
             os._exit(0)
 
-    for s in (signal.SIGTERM, signal.SIGUSR1):
+    for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(s, on_stop_signal)
     # torch's worker watchdog sees a dead parent only between batches; a worker stuck in a
     # retrying S3 read would outlive it by minutes

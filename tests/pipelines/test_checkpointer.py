@@ -9,6 +9,7 @@ import signal
 import time
 
 import pytest
+import torch
 
 from pipelines import checkpoints as ckpt
 from pipelines import s3, storage
@@ -17,17 +18,21 @@ from pipelines.train_config import RunSection
 
 
 class FilesEngine:
-    """What Checkpointer needs of a DeepSpeed engine: save_checkpoint writes a tag directory."""
+    """What Checkpointer needs of a DeepSpeed engine: save_checkpoint writes a tag directory (a
+    256 KiB torch file per rank) and, on rank 0, DeepSpeed's ``latest`` record."""
 
     def __init__(self, rank: int = 0):
         self.rank = rank
 
     def save_checkpoint(self, root, tag, client_state):
-        os.makedirs(os.path.join(root, tag))
-        with open(os.path.join(root, tag, f"zero_pp_rank_{self.rank}_mp_rank_00_optim_states.pt"), "wb") as f:
-            f.write(os.urandom(256 << 10))
+        os.makedirs(os.path.join(root, tag), exist_ok=True)
+        torch.save({"exp_avg": torch.randn(64 << 10)},
+                   os.path.join(root, tag, f"zero_pp_rank_{self.rank}_mp_rank_00_optim_states.pt"))
         with open(os.path.join(root, tag, "client_state.json"), "w") as f:
             json.dump(client_state, f)
+        if self.rank == 0:
+            with open(os.path.join(root, "latest"), "w") as f:
+                f.write(tag)
 
 
 def run_section(output, store, **extra) -> RunSection:
@@ -205,8 +210,61 @@ def test_two_nodes_publish_the_newest_checkpoint_both_uploaded(tmp_path, monkeyp
     assert ckpt.latest(store) == {"tag": "step00000002", "step": 2}
     prefix = os.path.join(store, "checkpoints") + "/"
     assert [url[len(prefix):] for url, _ in storage.list_objects(prefix)] == [
-        "step00000002/COMPLETE", "step00000002/_nodes/0.json", "step00000002/_nodes/1.json",
+        "step00000002/COMPLETE", "step00000002/MANIFEST.0.json", "step00000002/MANIFEST.1.json",
+        "step00000002/_nodes/0.json", "step00000002/_nodes/1.json",
         "step00000002/client_state.json", "step00000002/zero_pp_rank_0_mp_rank_00_optim_states.pt",
         "step00000002/zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     assert node0.mirror.not_mirrored == ["step00000001"] and node1.failures == 0
     assert "1 node(s) had not uploaded it when step00000002 was saved" in capfd.readouterr().err
+    # each node's manifest lists the shard its rank wrote; one fresh node checks both
+    manifests = [json.loads(storage.read_bytes(prefix + f"step00000002/MANIFEST.{n}.json")) for n in (0, 1)]
+    assert [sorted(m["files"]) for m in manifests] == [
+        ["client_state.json", "zero_pp_rank_0_mp_rank_00_optim_states.pt"],
+        ["client_state.json", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]]
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    fresh = Checkpointer(run_section(tmp_path / "fresh", store), rank=0, world=1)
+    assert fresh.resume_tag() == "step00000002" and fresh.fallbacks == []
+    storage.write_bytes(prefix + "step00000002/zero_pp_rank_1_mp_rank_00_optim_states.pt", b"cut")
+    again = Checkpointer(run_section(tmp_path / "fresh2", store), rank=0, world=1)
+    with pytest.raises(storage.StorageError, match=r"checkpoint step00000002 is damaged "
+                       r"\(zero_pp_rank_1_mp_rank_00_optim_states.pt: 3 bytes, \d+ when saved\)"):
+        again.resume_tag()
+
+
+def test_a_damaged_local_copy_is_fetched_again_from_the_store(tmp_path, capfd):
+    """Flipped bytes in the newest local checkpoint: its sha256 gives it away before loading, it
+    moves to checkpoints_damaged/, and the store's whole copy of the same step is fetched instead."""
+    store, out = str(tmp_path / "store"), tmp_path / "out"
+    cp = Checkpointer(run_section(out, store), rank=0, world=1)
+    for step in (10, 20):
+        cp.save(FilesEngine(), step, {})
+    cp.close(wait_s=30)
+    shard = out / "checkpoints/step00000020/zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    capfd.readouterr()
+    again = Checkpointer(run_section(out, store), rank=0, world=1)
+    assert again.resume_tag() == "step00000020" and again.fallbacks == []
+    err = capfd.readouterr().err
+    moved = out / "checkpoints_damaged/step00000020"
+    assert (f"checkpoint step00000020 is damaged (zero_pp_rank_0_mp_rank_00_optim_states.pt: its sha256 differs from "
+            f"the one recorded at save time (bytes changed on disk or in transit)); moved to {moved}; fetching it "
+            f"again from {store}") in err, err
+    assert moved.is_dir() and shard.read_bytes() != bytes(data)
+    ckpt.verify_checkpoint(str(out / "checkpoints/step00000020"))
+
+
+def test_pruning_counts_only_checkpoints_up_to_the_one_saved(tmp_path, capfd):
+    """A complete step-90 checkpoint past the run's record (another run's, ignored at resume) is
+    neither kept in place of this run's own checkpoints nor deleted."""
+    out = tmp_path / "out"
+    foreign = Checkpointer(run_section(out, None), rank=0, world=1)
+    foreign.save(FilesEngine(), 90, {})
+    (out / "checkpoints/latest").write_text("step00000000")  # this run's record: before any checkpoint
+    cp = Checkpointer(run_section(out, None), rank=0, world=1)  # keep_last=2
+    assert cp.resume_tag() is None and cp.ignored == ["step00000090"]
+    assert "ignoring checkpoint(s) step00000090: newer than the run's record" in capfd.readouterr().err
+    for step in (10, 20, 30):
+        cp.save(FilesEngine(), step, {})
+    assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step00000020", "step00000030", "step00000090"]

@@ -17,13 +17,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save
 
 from crossmae import MaskedAutoencoder, create_model
-from crossmae.timm_export import export_encoder
 from data_prep.cli import main as prep
 from pipelines import storage
 from pipelines.evaluate import main
+from pipelines.export import export_model
 from pipelines.knn import knn_classify, topk_accuracy
 from pipelines.linprobe import LARS
 
@@ -44,10 +43,8 @@ def digits(tmp_path_factory) -> dict:
 
 
 def write_export(model: MaskedAutoencoder, url: str, step: int, tag: str) -> str:
-    tensors, config = export_encoder(model)
-    storage.write_bytes(storage.join(url, "model.safetensors"), save(tensors))
-    storage.write_bytes(storage.join(url, "config.json"), json.dumps(config).encode())
-    storage.write_bytes(storage.join(url, "export.json"), json.dumps(dict(tag=tag, step=step)).encode())
+    """An export as crossmae-export writes it (its export_model: files and their sha256 recorded)."""
+    export_model(model, url, dict(tag=tag, step=step))
     return url
 
 
@@ -231,10 +228,12 @@ def test_sweep_skips_existing_results_and_fans_out_by_index(digits, tmp_path, mo
     (prefix / "c/model.safetensors").write_bytes(b"not safetensors")  # broken exports: counted, the sweep goes on
     (prefix / "d").mkdir()
     (prefix / "d/export.json").write_text("{truncated")
-    assert main([*args, "--force"]) == 1
+    assert main([*args, "--force"]) == 2  # a damaged export is bad input
     err = capsys.readouterr().err.splitlines()
-    assert any(line.startswith(f"crossmae-eval: {c}: SafetensorError") for line in err), err
-    assert any(line.startswith(f"crossmae-eval: {prefix / 'd'}: unreadable export") for line in err), err
+    assert any(line.startswith(f"crossmae-eval: {c}: model.safetensors does not match its export.json")
+               for line in err), err
+    assert any(line.startswith(f"crossmae-eval: {prefix / 'd'}: unreadable export: ValueError: "
+                               f"{prefix / 'd'}/export.json: not valid JSON") for line in err), err
     assert "2 evaluated (0 stale results redone), 0 skipped (same data and protocol; --force redoes), 2 failed" in err[-1]
     assert "Traceback" not in "".join(err)
 

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from data_prep.cli import main as prep
 from pipelines import storage
@@ -46,15 +45,14 @@ def digits(tmp_path_factory):
 
 
 def make_export(dst: pathlib.Path, step: int = 0) -> tuple[dict, dict]:
+    """A random-init micro export (32 px) as crossmae-export writes it (export_model: sha256 recorded)."""
     from crossmae import create_model, export_encoder
+    from pipelines.export import export_model
 
     torch.manual_seed(0)
-    tensors, config = export_encoder(create_model("crossmae_vit_micro_patch4_dec64d2b"))  # random init, 32 px
-    dst.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(dst / "model.safetensors"))
-    (dst / "config.json").write_text(json.dumps(config))
-    (dst / "export.json").write_text(json.dumps(dict(tag=f"step{step:08d}", step=step)))
-    return tensors, config
+    model = create_model("crossmae_vit_micro_patch4_dec64d2b")
+    export_model(model, str(dst), dict(tag=f"step{step:08d}", step=step))
+    return export_encoder(model)
 
 
 def run(args, nproc=None, timeout=300, script=None):
@@ -93,6 +91,8 @@ def test_two_process_zero2_finetune_learns_and_writes_the_result(digits, tmp_pat
     assert res["metrics"]["top1"] == rows[-1]["top1"] and res["metrics"]["epochs"] == 4
     assert res["metrics"]["best_top1"] == max(r["top1"] for r in rows)
     assert res["export"] == str(export) and res["derived"]["world_size"] == 2 and res["derived"]["num_classes"] == 10
+    assert res["verified"] is True and res["read_sha256"]["model.safetensors"] == json.loads(
+        (export / "export.json").read_text())["files"]["model.safetensors"]["sha256"]
     import hashlib
 
     assert res["dataset"]["val"]["sha256"] == hashlib.sha256(pathlib.Path(digits["val"]).read_bytes()).hexdigest()
