@@ -8,7 +8,7 @@
 #   NNODES          SLURM_JOB_NUM_NODES (or SLURM_NNODES)
 #   NODE_RANK       SLURM_NODEID (this node's index in the allocation)
 #   NPROC_PER_NODE  SLURM_GPUS_ON_NODE, else SLURM_GPUS_PER_NODE ("8" or "a100:8"), else the
-#                   entries of CUDA_VISIBLE_DEVICES, else 1
+#                   entries of CUDA_VISIBLE_DEVICES, else 1 (a count of 0 counts as none)
 #   WORLD_SIZE      NNODES x NPROC_PER_NODE
 # Values already set in the environment win (MASTER_PORT=29500 sbatch ...). Functions:
 # crossmae_expand_nodelist LIST (one host per line), crossmae_hostfile LIST SLOTS (a DeepSpeed
@@ -63,16 +63,20 @@ _crossmae_first_host() {
 }
 
 _crossmae_gpus_per_node() {
-  if [[ -n ${SLURM_GPUS_ON_NODE:-} ]]; then
+  local per_node=${SLURM_GPUS_PER_NODE:-}
+  per_node=${per_node##*:}  # "a100:8" -> 8
+  # A count of 0 (sbatch --gpus-per-node=0 on a CPU partition sets SLURM_GPUS_ON_NODE=0) is no
+  # count: torchrun refuses --nproc-per-node 0 with a bare AssertionError.
+  if [[ -n ${SLURM_GPUS_ON_NODE:-} && $SLURM_GPUS_ON_NODE != 0 ]]; then
     echo "$SLURM_GPUS_ON_NODE"
-  elif [[ -n ${SLURM_GPUS_PER_NODE:-} ]]; then
-    echo "${SLURM_GPUS_PER_NODE##*:}"  # "a100:8" -> 8
+  elif [[ -n $per_node && $per_node != 0 ]]; then
+    echo "$per_node"
   elif [[ -n ${CUDA_VISIBLE_DEVICES:-} ]]; then
     local -a devices
     IFS=, read -ra devices <<< "$CUDA_VISIBLE_DEVICES"
     echo "${#devices[@]}"
   else
-    echo 1
+    echo 1  # no GPU: one (CPU) process per node
   fi
 }
 

@@ -3,6 +3,8 @@ shell scripts through shellcheck and bash -n, DeepSpeed configs through DeepSpee
 parser, the presets through PretrainConfig, the Slurm variable derivation with fake SLURM_*
 variables, and the launch script's local form as a real 2-process CPU run that checkpoints,
 then exports and evaluates that checkpoint with deploy/export_eval.sh."""
+import atexit
+import functools
 import json
 import os
 import pathlib
@@ -10,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import yaml
@@ -296,13 +299,23 @@ def test_shellcheck_reports_a_broken_script(tmp_path):
 
 # ---------------------------------------------------------------- Slurm
 
+@functools.cache
+def no_scontrol_path() -> str:
+    """A PATH with only what env.sh runs besides scontrol (`make test` installs Slurm's clients)."""
+    bin_dir = pathlib.Path(tempfile.mkdtemp(prefix="crossmae-no-scontrol-"))
+    atexit.register(shutil.rmtree, bin_dir, True)
+    (bin_dir / "head").symlink_to(shutil.which("head"))
+    return str(bin_dir)
+
+
 def slurm_env(**slurm) -> dict:
     """Source deploy/slurm/env.sh under fake SLURM_* variables (no scontrol on PATH)."""
     script = "source deploy/slurm/env.sh; for v in MASTER_ADDR MASTER_PORT NNODES NODE_RANK NPROC_PER_NODE WORLD_SIZE; " \
              'do echo "$v=${!v}"; done'
-    clean = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp"), **slurm}
+    clean = {"PATH": no_scontrol_path(), "HOME": os.environ.get("HOME", "/tmp"), **slurm}
     assert not shutil.which("scontrol", path=clean["PATH"]), "these tests check the scontrol-free parser"
-    proc = subprocess.run(["bash", "-c", script], cwd=ROOT, env=clean, capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(["/bin/bash", "-c", script], cwd=ROOT, env=clean, capture_output=True, text=True,
+                          timeout=30)
     assert proc.returncode == 0, proc.stderr
     return dict(line.split("=", 1) for line in proc.stdout.split())
 
@@ -323,6 +336,9 @@ def test_slurm_env_gpu_count_fallbacks_and_overrides():
     assert slurm_env(**base, SLURM_GPUS_PER_NODE="a100:4")["WORLD_SIZE"] == "8"  # "type:count"
     assert slurm_env(**base, CUDA_VISIBLE_DEVICES="0,1,2")["NPROC_PER_NODE"] == "3"
     assert slurm_env(**base)["NPROC_PER_NODE"] == "1"
+    # a CPU allocation (sbatch --gpus-per-node=0 sets both to 0): one process per node, not torchrun's
+    # bare AssertionError for --nproc-per-node 0
+    assert slurm_env(**base, SLURM_GPUS_ON_NODE="0", SLURM_GPUS_PER_NODE="0")["WORLD_SIZE"] == "2"
     got = slurm_env(**base, SLURM_GPUS_ON_NODE="8", MASTER_PORT="29500", MASTER_ADDR="10.0.0.1")
     assert (got["MASTER_PORT"], got["MASTER_ADDR"], got["MASTER_PORT"]) == ("29500", "10.0.0.1", "29500")
     assert slurm_env(**base)["MASTER_PORT"] == str(20000 + 123456 % 20000)  # same on every node of the job
