@@ -16,7 +16,8 @@ export OMP_NUM_THREADS ?= 2
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 # The venv's tools first (its `ninja` builds DeepSpeed's CPU op; two ninjas would rebuild it in turns).
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
-# Debian packages for the tests: shellcheck lints deploy/ scripts (tests skip it, saying so, if absent).
+# Debian packages for the tests: shellcheck lints deploy/ scripts; slurm-wlm, munge and iproute2 run the Slurm
+# cluster of tests/deploy/test_slurm*.py (tests skip, saying so, if absent or not root).
 DEV_DEB_PKGS := shellcheck slurm-wlm munge iproute2
 
 .PHONY: setup test demo bench clean
@@ -43,6 +44,10 @@ $(VENV)/.installed: pyproject.toml requirements/pins.txt setup.py pipelines/data
 setup: $(VENV)/.installed
 
 test: setup
+	@if echo "$(EXTRAS)" | grep -q dev && ! dpkg -s $(DEV_DEB_PKGS) >/dev/null 2>&1; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(DEV_DEB_PKGS) >/dev/null; \
+	fi
 	$(PY) -m pytest -q tests
 
 # shard a real image set, pretrain under DeepSpeed (2 CPU processes), export, k-NN; ~2 min after setup.
