@@ -131,7 +131,7 @@ def test_a_broken_checkpoint_fails_alone(run, tmp_path, capsys):
     (src / "checkpoints" / TAGS[1] / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
     assert main([str(src), str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and err[0].startswith(f"crossmae-export: failed {TAGS[1]}: ValueError: Expected 2 of")
+    assert len(err) == 2 and err[0].startswith(f"crossmae-export: failed {TAGS[1]}: DamagedCheckpoint: checkpoint {TAGS[1]} is damaged (")
     assert "exported 2, skipped 0, failed 1" in err[1]
     assert exported(tmp_path / "out") == [TAGS[0], TAGS[2]]
     assert summary(tmp_path / "out")["items"][1]["status"] == "failed"
