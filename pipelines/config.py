@@ -130,3 +130,18 @@ def load(cls, path: str | None = None, overrides: list[str] = ()):
         key, value = item.split("=", 1)
         _set(tree, key.strip(), value)
     return from_dict(cls, tree)
+
+
+def non_finite_values(cfg):
+    """``section.key must be a finite number`` for every NaN / inf float of a sectioned config
+    (configs built in Python skip the loader's own check)."""
+    import dataclasses
+    import math
+
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for f in dataclasses.fields(values):
+            value = getattr(values, f.name)
+            if any(isinstance(v, float) and not math.isfinite(v)
+                   for v in (value if isinstance(value, (tuple, list)) else (value,))):
+                yield f"{section.name}.{f.name} must be a finite number, got {value!r}"

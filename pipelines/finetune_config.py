@@ -2,8 +2,6 @@
 defaults, one section per component, every value checked by ``FinetuneConfig.validate``."""
 from __future__ import annotations
 
-import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -93,13 +91,7 @@ class FinetuneConfig:
         m, d, o, a, ds, r = self.model, self.data, self.optim, self.augment, self.deepspeed, self.run
         if not d.train or not d.val:
             yield "data.train and data.val must be set (manifest URLs)"
-        for section in dataclasses.fields(self):  # NaN / inf anywhere (configs built in Python skip the loader)
-            values = getattr(self, section.name)
-            for f in dataclasses.fields(values):
-                value = getattr(values, f.name)
-                if any(isinstance(v, float) and not math.isfinite(v)
-                       for v in (value if isinstance(value, (tuple, list)) else (value,))):
-                    yield f"{section.name}.{f.name} must be a finite number, got {value!r}"
+        yield from config_loader.non_finite_values(self)
         scale = tuple(a.crop_scale)
         checks = [
             (0 <= m.drop_path < 1, f"model.drop_path must be in [0, 1), got {m.drop_path}"),

@@ -2,8 +2,6 @@
 derived quantity (effective batch, learning rate, steps) computed in one place."""
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -122,13 +120,9 @@ class PretrainConfig:
 
     def _problems(self, world_size: int | None):
         """The config's problems, most basic first (the first one is reported)."""
-        for section in dataclasses.fields(self):  # NaN / inf anywhere (configs built in Python skip the loader)
-            values = getattr(self, section.name)
-            for f in dataclasses.fields(values):
-                value = getattr(values, f.name)
-                if any(isinstance(v, float) and not math.isfinite(v)
-                       for v in (value if isinstance(value, (tuple, list)) else (value,))):
-                    yield f"{section.name}.{f.name} must be a finite number, got {value!r}"
+        from .config import non_finite_values
+
+        yield from non_finite_values(self)
         m, d, o, ds, r = self.model, self.data, self.optim, self.deepspeed, self.run
         betas_ok = len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas)
         checks = [
