@@ -48,7 +48,7 @@ test: setup
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(DEV_DEB_PKGS) >/dev/null; \
 	fi
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=40 tests
 
 # shard a real image set, pretrain under DeepSpeed (2 CPU processes), export, k-NN; ~2 min after setup.
 # Pass DEMO_ARGS="--store s3://bucket/prefix" (with AWS_ENDPOINT_URL) to use object storage.

@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from crossmae import create_model
-    from pipelines.checkpoint_integrity import check_weights_only, verify_checkpoint, write_manifest
+    from pipelines.checkpoints.integrity import check_weights_only, verify_checkpoint, write_manifest
 
     module = {k: v.float() for k, v in create_model(args.preset).state_dict().items()}
     flat = torch.cat([v.flatten() for v in module.values()])

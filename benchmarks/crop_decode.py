@@ -31,7 +31,8 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.transforms import make_jpegs  # noqa: E402
 from pipelines.data import crop_decode  # noqa: E402
-from pipelines.transforms import _resize, _to_chw, decode_box, image_size, mae_train, sample_box_flip  # noqa: E402
+from pipelines.data.transforms import _resize, _to_chw, decode_box, mae_train, sample_box_flip
+from pipelines.data.jpeg import image_size  # noqa: E402
 
 torch.set_num_threads(1)
 SIZE = 224

@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks._common import emit  # noqa: E402
 from benchmarks.transforms import make_jpegs  # noqa: E402
 from data_prep.cli import main as prep  # noqa: E402
-from pipelines.transforms import MAETrainTransform  # noqa: E402
-from pipelines.wds_loader import StreamingLoader  # noqa: E402
+from pipelines.data.transforms import MAETrainTransform  # noqa: E402
+from pipelines.data.loader import StreamingLoader  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -1,4 +1,4 @@
-"""Pretraining throughput on one GPU through the trainer's own step (pipelines/train_step.py:
+"""Pretraining throughput on one GPU through the trainer's own step (pipelines/train/step.py:
 the engine ``crossmae-pretrain`` builds, the step it runs): images/s, step time, MFU and peak
 memory of CrossMAE (gamma=0.25) and MAE ViT-B/16 side by side, with synthetic uint8 batches
 from pinned memory and, given --manifest, the real streaming loader. ``--plain`` adds the
@@ -26,12 +26,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks._common import emit  # noqa: E402
 from crossmae import MaskedAutoencoder, flops_per_image, model_config  # noqa: E402
-from pipelines.config import load  # noqa: E402
-from pipelines.observe import model_flops_utilization, peak_tflops  # noqa: E402
-from pipelines.optim import build_optimizer  # noqa: E402
-from pipelines.pretrain import init_distributed  # noqa: E402
-from pipelines.train_config import PretrainConfig  # noqa: E402
-from pipelines.train_step import TrainStep, build_engine, device_batches  # noqa: E402
+from pipelines.runtime.config_loader import load  # noqa: E402
+from pipelines.train.metrics import model_flops_utilization, peak_tflops  # noqa: E402
+from pipelines.train.optim import build_optimizer  # noqa: E402
+from pipelines.runtime.launch import init_distributed  # noqa: E402
+from pipelines.train.config import PretrainConfig  # noqa: E402
+from pipelines.train.step import TrainStep, build_engine, device_batches  # noqa: E402
 
 MODELS = {"CrossMAE": "crossmae_vit_base_patch16_dec512d12b", "MAE": "mae_vit_base_patch16_dec512d8b"}
 
@@ -78,7 +78,7 @@ def bench_trainer(cfg: PretrainConfig, args, device, batches) -> dict:
 
 def bench_plain(preset: str, args, device, batches) -> dict:
     """The reference: no DeepSpeed, torch.compile, autocast bf16, fused AdamW."""
-    from pipelines.transforms import normalize_batch
+    from pipelines.data.transforms import normalize_batch
 
     torch.manual_seed(0)
     model = MaskedAutoencoder(model_config(preset, img_size=args.image_size)).to(device)
@@ -125,8 +125,8 @@ def synthetic(args, device):
 
 
 def streaming(args, device):
-    from pipelines.transforms import MAETrainTransform
-    from pipelines.wds_loader import StreamingLoader
+    from pipelines.data.transforms import MAETrainTransform
+    from pipelines.data.loader import StreamingLoader
 
     loader = StreamingLoader.from_manifest(args.manifest, batch_size=args.batch, transform=MAETrainTransform(args.image_size),
                                            num_workers=args.workers, seed=0, pin_memory=device.type == "cuda")

@@ -4,7 +4,7 @@
 
 (a) reference full-decode pipeline and (e) the common pipeline (webdataset decode('pil') +
 torchvision v2 RRC), both on in-memory bytes; (f) decode only; (b) this loader
-(pipelines.wds_loader, num_workers=0: the loop runs in this process) from local shards written
+(pipelines.data.loader, num_workers=0: the loop runs in this process) from local shards written
 by crossmae-prep; (c) the same from a SeaweedFS S3 server on loopback; (d) FFCV on a .beton of
 the same images; (b') as (b) with resize="device" (CPU side only: batches of crops, the resize
 runs on the trainer's device); (b'') as (b) with decode="gpu" (CPU side only: tar members, JPEG
@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.transforms import best_rates, ffcv_epoch_runner, make_jpegs, pipelines  # noqa: E402
 from data_prep.cli import main as prep  # noqa: E402
 from pipelines import storage  # noqa: E402
-from pipelines.transforms import MAETrainTransform  # noqa: E402
-from pipelines.wds_loader import StreamingLoader  # noqa: E402
+from pipelines.data.transforms import MAETrainTransform  # noqa: E402
+from pipelines.data.loader import StreamingLoader  # noqa: E402
 
 torch.set_num_threads(1)
 

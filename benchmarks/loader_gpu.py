@@ -25,10 +25,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks._common import emit  # noqa: E402
-from pipelines.device_decode import batch_to_device  # noqa: E402
-from pipelines.prefetch import DevicePrefetcher  # noqa: E402
-from pipelines.transforms import MAETrainTransform  # noqa: E402
-from pipelines.wds_loader import StreamingLoader  # noqa: E402
+from pipelines.data.device_decode import batch_to_device  # noqa: E402
+from pipelines.data.prefetch import DevicePrefetcher  # noqa: E402
+from pipelines.data.transforms import MAETrainTransform  # noqa: E402
+from pipelines.data.loader import StreamingLoader  # noqa: E402
 
 
 def _sync(device):
@@ -77,7 +77,7 @@ def rate(stream, n: int, warmup: int, batch: int, device, step=None) -> float:
 
 def train_step_fn(args, device, dtype):
     from crossmae import MaskedAutoencoder, model_config
-    from pipelines.optim import build_optimizer
+    from pipelines.train.optim import build_optimizer
 
     torch.manual_seed(0)
     model = MaskedAutoencoder(model_config(args.model, img_size=args.image_size)).to(device)

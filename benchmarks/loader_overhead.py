@@ -35,9 +35,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.crop_decode import photo_jpegs  # noqa: E402
 from data_prep.cli import main as prep  # noqa: E402
-from pipelines.shard_cache import ShardList, ShardReader  # noqa: E402
-from pipelines.transforms import MAETrainTransform, collate_samples, mae_train, sample_box_flip  # noqa: E402
-from pipelines.wds_loader import StreamingLoader  # noqa: E402
+from pipelines.data.shard_cache import ShardList, ShardReader  # noqa: E402
+from pipelines.data.transforms import MAETrainTransform, collate_samples, mae_train, sample_box_flip  # noqa: E402
+from pipelines.data.loader import StreamingLoader  # noqa: E402
 
 torch.set_num_threads(1)
 BATCH = 64

@@ -5,7 +5,7 @@ the given shards; the first epoch (worker start-up) is not counted.
     python benchmarks/loader_rate.py --manifest /tmp/wds/train/manifest.json --workers 14 --batch 256 \
         [--resize cpu,device] [--epochs 2] [--json out.json] [data.KEY=VALUE ...]
 
-The data.* overrides are the trainer's own config keys (pipelines/train_config.py, read by the one
+The data.* overrides are the trainer's own config keys (pipelines/train/config.py, read by the one
 config loader), so an option the trainer refuses is refused here too: then the script says so in
 one line and exits 3 (benchmarks/gpu_check.py records that stage as skipped, not failed).
 Seen on an H200 host with 16 cores (14 workers, ~500x375 JPEGs): ~5,200 img/s with resize=cpu,
@@ -22,10 +22,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks._common import emit  # noqa: E402
-from pipelines import config as config_loader  # noqa: E402
-from pipelines.train_config import PretrainConfig  # noqa: E402
-from pipelines.device_decode import batch_to_device  # noqa: E402
-from pipelines.pretrain import build_loader  # noqa: E402
+from pipelines.runtime import config_loader  # noqa: E402
+from pipelines.train.config import PretrainConfig  # noqa: E402
+from pipelines.data.device_decode import batch_to_device  # noqa: E402
+from pipelines.trainer import train_loader  # noqa: E402
 
 NOT_SUPPORTED_RC = 3
 
@@ -40,9 +40,9 @@ def device_images(batch: dict, cfg: PretrainConfig, device: torch.device, dtype)
 
 
 def measure(cfg: PretrainConfig, epochs: int, device: torch.device) -> dict:
-    dtype = torch.float32  # the trainer's input under its default bf16 autocast (pipelines/train_step.py)
+    dtype = torch.float32  # the trainer's input under its default bf16 autocast (pipelines/train/step.py)
     try:
-        loader = build_loader(cfg, 0, 1, device.type == "cuda")  # the trainer's own loader
+        loader = train_loader(cfg, 0, 1, device.type == "cuda")  # the trainer's own loader
     except ValueError as e:  # an option this data's format refuses
         raise NotSupported(f"{type(e).__name__}: {e}") from None
     rates, n = [], 0

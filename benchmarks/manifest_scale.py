@@ -105,9 +105,9 @@ def synthetic_imagenet(layout: str = "prep", num_classes: int = 1000, total: int
 # --- one rank (runs in its own process) ------------------------------------------------------
 
 def _worker_plan(loader, part, worker: int) -> None:
-    """What one DataLoader worker computes before its first read (pipelines/wds_loader.py
+    """What one DataLoader worker computes before its first read (pipelines/data/loader.py
     _EpochStream.__iter__ / _epoch), through the same functions."""
-    from pipelines.epoch_order import EpochOrder, Partition
+    from pipelines.data.epoch_order import EpochOrder, Partition
 
     part = Partition(part.remaining, part.world_size, part.num_workers, part.batch_size, part.drop_last)
     order = EpochOrder(loader.shards.counts, loader.seed, loader.epoch, loader.block_size)
@@ -139,11 +139,11 @@ def _plan(loader) -> dict:
 def rank_main(spec: dict) -> dict:
     """Times for one rank: imports, manifest, plan, save, resume, resume2 (each wall and cpu)."""
     w0, c0 = time.perf_counter(), time.process_time()
-    from pipelines.loaders import LoaderConfig, build_loader
+    from pipelines.data.factory import LoaderConfig, build_loader
 
     out = dict(rank=spec["rank"], imports=dict(wall=time.perf_counter() - w0, cpu=time.process_time() - c0))
     if spec["manifest"].startswith("s3://"):  # boto3 (the storage layer imports it at the first S3 URL)
-        _, out["s3_import"] = _timed(importlib.import_module, "pipelines.s3")
+        _, out["s3_import"] = _timed(importlib.import_module, "pipelines.storage.s3")
     cfg = LoaderConfig(manifest=spec["manifest"], batch_size=spec["batch"], num_workers=spec["workers"],
                        block_size=spec["block"])
 

@@ -9,7 +9,7 @@ then consecutive shards) and class-sorted (a naive prep that cuts the class-sort
 For each, the sample order every rank receives in epoch 0 (``--ranks`` ranks, ``--workers``
 DataLoader workers each, delivered round-robin, ``--batch`` per rank), computed without decoding:
   random permutation   the reference: a uniformly random order of all samples;
-  this loader          the real pipelines.epoch_order code (EpochOrder, Partition) over the
+  this loader          the real pipelines.data.epoch_order code (EpochOrder, Partition) over the
                        shard counts read by ShardList.from_manifest, at its default block_size
                        (LoaderConfig: 512) and at the ``--blocks`` sweep;
   webdataset buffer B  webdataset's own shuffle (webdataset.filters._shuffle) of sample ids with
@@ -48,8 +48,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.manifest_scale import IMAGENET_TRAIN, synthetic_imagenet  # noqa: E402
 from pipelines.data.shuffle_quality import epoch_report, meets_target, z_limit  # noqa: E402
-from pipelines.epoch_order import EpochOrder, Partition  # noqa: E402
-from pipelines.shard_cache import ShardList  # noqa: E402
+from pipelines.data.epoch_order import EpochOrder, Partition  # noqa: E402
+from pipelines.data.shard_cache import ShardList  # noqa: E402
 
 
 def round_robin(per_worker: list[list], steps: int | None = None) -> list:
@@ -82,7 +82,7 @@ LOADER_READS: dict[int, dict] = {}  # block_size -> what the loader's workers re
 
 def worker_reads(order: EpochOrder, batches: list[list[int]]) -> tuple[int, int]:
     """(samples streamed, most samples held) by one worker reading ``batches`` (epoch positions):
-    the read rule of pipelines/wds_loader.py _EpochStream._epoch and ShardReader.get, counted in
+    the read rule of pipelines/data/loader.py _EpochStream._epoch and ShardReader.get, counted in
     samples (keep it in step with them): a batch with unread samples reads, in stream order,
     every unread sample of its blocks within the next batch + 2 blocks of the worker's positions;
     a shard is read forward from its first sample, and opened anew to go back."""

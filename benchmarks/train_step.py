@@ -20,9 +20,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from crossmae import MaskedAutoencoder, model_config  # noqa: E402
 from benchmarks._common import emit  # noqa: E402
-from pipelines.optim import build_optimizer  # noqa: E402
-from pipelines.pretrain import init_distributed  # noqa: E402
-from pipelines.transforms import normalize_batch  # noqa: E402
+from pipelines.train.optim import build_optimizer  # noqa: E402
+from pipelines.runtime.launch import init_distributed  # noqa: E402
+from pipelines.data.transforms import normalize_batch  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -6,7 +6,7 @@ side by side in one run (rounds alternate between pipelines; best round per pipe
 (a) reference: PIL decode + torchvision RandomResizedCrop(224, (0.2, 1), bicubic) + flip + to tensor
 (e) common: webdataset decode('pil') + torchvision v2 RandomResizedCrop bicubic + flip + ToImage
 (f) decode only: simplejpeg full decode (the yardstick: every row is a share of it)
-(g) fast path: pipelines.transforms.mae_train (uint8 (3, 224, 224) contiguous)
+(g) fast path: pipelines.data.transforms.mae_train (uint8 (3, 224, 224) contiguous)
 (h) CPU side of resize="device": decode (DCT-scaled where the crop allows) + crop, packed per
     64 with pack_crops; the resize runs later on the device (resize_on_device, not timed here;
     its CPU cost with method="matmul" is printed once for reference)
@@ -35,8 +35,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from pipelines.transforms import (MAE_RATIO, MAE_SCALE, MAETrainTransform, mae_train, pack_crops,  # noqa: E402
-                                  resize_on_device)
+from pipelines.data.transforms import MAE_RATIO, MAE_SCALE, MAETrainTransform, mae_train, pack_crops
+from pipelines.data.device_decode import resize_on_device
 
 torch.set_num_threads(1)
 SIZE = 224

@@ -53,7 +53,7 @@ def timm_config(config: ModelConfig, **pretrained_cfg) -> dict:
     """timm's ``config.json`` for the exported encoder (global average pooling; no final norm
     for fusion encoders, as in CrossMAE). :func:`load_timm` is the way to load it: strict, and
     carrying this pretrained_cfg, which holds the project's eval preprocessing (ImageNet
-    mean/std, bicubic, resize to img_size/0.875 and center crop, as pipelines/transforms.py)."""
+    mean/std, bicubic, resize to img_size/0.875 and center crop, as pipelines/data/transforms.py)."""
     c = config
     model_args = dict(img_size=c.img_size, patch_size=c.patch_size, in_chans=c.in_chans, embed_dim=c.embed_dim,
                       depth=c.depth, num_heads=c.num_heads, mlp_ratio=c.mlp_ratio, qkv_bias=True,

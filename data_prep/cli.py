@@ -26,7 +26,7 @@ import tarfile
 import traceback
 import urllib.parse
 
-from pipelines.shard_names import ShardNameError
+from pipelines.data.shard_names import ShardNameError
 
 from .errors import PrepError, UsageError, describe
 from .ffcv_out import FFCVOptions

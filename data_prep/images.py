@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from pipelines.jpeg_header import frame_header
+from pipelines.data.jpeg import frame_header
 
 Image.MAX_IMAGE_PIXELS = 200_000_000  # ImageNet's largest is ~10^7 px; refuse decompression bombs beyond
 CONVERT_QUALITY = 95  # re-encode quality for conversions (near-lossless at ~3x PNG->JPEG size reduction)
@@ -29,7 +29,7 @@ class Checked:
 
 def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
     """(components, width, height) from a JPEG's start-of-frame marker, None if the marker walk
-    fails (pipelines/jpeg_header.py)."""
+    fails (pipelines/data/jpeg.py)."""
     if data[:2] != b"\xff\xd8":
         return None
     frame = frame_header(data)

@@ -26,7 +26,7 @@ from importlib.metadata import PackageNotFoundError, version
 from tqdm import tqdm
 
 from pipelines import storage
-from pipelines.shard_names import ShardNameError, shard_url
+from pipelines.data.shard_names import ShardNameError, shard_url
 
 from .errors import PrepError, as_prep_error
 from .plan import Shard, make_plan, plan_digest, worker_slice

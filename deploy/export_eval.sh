@@ -17,9 +17,9 @@ PYTHON=${PYTHON:-python}
 found=$("$PYTHON" -c '
 import sys
 from pipelines import storage
-from pipelines.export import complete_tags
+from pipelines.checkpoints.export import complete_steps
 try:
-    tags = sorted(complete_tags(sys.argv[1]).items(), key=lambda kv: kv[1])
+    tags = sorted(complete_steps(sys.argv[1]).items(), key=lambda kv: kv[1])
 except (storage.StorageError, OSError) as e:
     sys.exit(f"export_eval: cannot list checkpoints in {sys.argv[1]}: {e}")
 i = int(sys.argv[2])

@@ -73,10 +73,10 @@ def main(argv: list[str] | None = None) -> int:
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
     run_dir, run_store, exports = out / "run", f"{store}/run", f"{store}/exports"
-    from pipelines.pretrain import _free_port
+    from pipelines.runtime.launch import free_port
 
     save_every = max(1, args.steps // 3)
-    run([py, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_port", str(_free_port()), "-m",
+    run([py, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_port", str(free_port()), "-m",
          "pipelines.pretrain", "model.preset=crossmae_vit_micro_patch4_dec64d2b", f"data.train={store}/train/manifest.json",
          "data.image_size=32", "data.num_workers=1", "deepspeed.micro_batch=32", "deepspeed.zero_stage=2",
          "optim.lr=1e-3", "optim.warmup_epochs=1", "optim.epochs=15", f"run.max_steps={args.steps}",
@@ -124,9 +124,9 @@ def write_random_init_export(run_dir: pathlib.Path, out: str) -> None:
     import torch
 
     from crossmae import MaskedAutoencoder
-    from pipelines.config import load
-    from pipelines.export import export_model
-    from pipelines.train_config import PretrainConfig
+    from pipelines.runtime.config_loader import load
+    from pipelines.checkpoints.export import export_model
+    from pipelines.train.config import PretrainConfig
 
     cfg = load(PretrainConfig, str(run_dir / "config.yaml"))
     torch.manual_seed(cfg.run.seed)
@@ -137,10 +137,10 @@ def write_random_init_export(run_dir: pathlib.Path, out: str) -> None:
 
 def export_last(run_dir: pathlib.Path, export_dir: pathlib.Path) -> pathlib.Path:
     """Consolidate the newest checkpoint to fp32 and export its encoder (crossmae-export)."""
-    from pipelines.export import export_checkpoint
-    from pipelines.pretrain import checkpoints
+    from pipelines.checkpoints.export import export_checkpoint
+    from pipelines.checkpoints.store import complete_tags
 
-    tag = checkpoints(str(run_dir))[-1]
+    tag = complete_tags(str(run_dir))[-1]
     result = export_checkpoint(str(run_dir), tag, str(export_dir))
     if result["status"] == "failed":
         raise SystemExit(f"demo: export failed: {result['error']}")

@@ -79,8 +79,8 @@ def test_gpu_plan_trains_the_vit_b_preset_80_steps_with_a_warmup_inside_the_run(
     import argparse
 
     import gpu_check
-    from pipelines.config import load
-    from pipelines.train_config import PretrainConfig
+    from pipelines.runtime.config_loader import load
+    from pipelines.train.config import PretrainConfig
 
     args = argparse.Namespace(cpu=False, wheelhouse=str(tmp_path / "wh"))
     for n_gpus in (1, 2, 8):
@@ -93,9 +93,9 @@ def test_gpu_plan_trains_the_vit_b_preset_80_steps_with_a_warmup_inside_the_run(
             world = int(cmd[cmd.index("--nproc_per_node") + 1])
             cfg = load(PretrainConfig, str(ROOT / cmd[cmd.index("--config") + 1]), [a for a in cmd if "=" in a])
             cfg.validate()
-            d = cfg.derived(8192, world)
+            d = cfg.schedule(8192, world)
             assert cfg.model.preset == "crossmae_vit_base_patch16_dec512d12b" and cfg.deepspeed.micro_batch == 256
-            assert d["max_steps"] == 80 and 16 <= d["warmup_steps"] <= 32 and d["total_steps"] >= 80, (world, d)
+            assert d.max_steps == 80 and 16 <= d.warmup_steps <= 32 and d.total_steps >= 80, (world, d)
             assert cfg.run.store is None and cfg.optim.lr == 5e-4
 
 

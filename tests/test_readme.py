@@ -3,7 +3,7 @@
 The commands are extracted from the docs' ```bash blocks, so a new README command is tested
 without touching this file. Our CLIs (the crossmae-* entry points of pyproject.toml and
 `python -m` of their modules) are parsed by their own argparse parsers and stopped right after
-parsing; then their key=value overrides are loaded with pipelines/config.py (a wrong key fails),
+parsing; then their key=value overrides are loaded with pipelines/runtime/config_loader.py (a wrong key fails),
 the config is validated and the CLI's own door checks run (`python SCRIPT.py` lines: the
 script's own parser). `deepspeed` lines go through DeepSpeed's launcher parser (0.19.8 has no
 --dry_run), `torchrun` lines through torch's, and the module they start is parsed as above. `launch.sh` runs with DRY_RUN=1 and the command it prints
@@ -29,8 +29,8 @@ from unittest import mock
 
 import pytest
 
-from pipelines import config as config_loader
-from pipelines.train_config import PretrainConfig
+from pipelines.runtime import config_loader
+from pipelines.train.config import PretrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ("README.md", "deploy/README.md")
@@ -177,14 +177,14 @@ def check_parsed(prog: str, args: argparse.Namespace) -> list:
                 raise CommandError("crossmae-pretrain: data.train is not set")
             return [cfg]
         if prog == "crossmae-eval finetune":
-            from pipelines.finetune import FinetuneConfig
+            from pipelines.eval.finetune import FinetuneConfig
             config_loader.load(FinetuneConfig, args.config, args.overrides).validate()
         elif prog == "crossmae-prep":
             from data_prep.cli import _door_problem
             if problem := _door_problem(args):
                 raise CommandError(f"crossmae-prep: {problem}")
         elif prog == "crossmae-export":
-            from pipelines.export import check_select
+            from pipelines.checkpoints.export import check_select
             check_select(args.select)
     except (config_loader.ConfigError, ValueError) as e:
         raise CommandError(f"{prog}: {e}") from None
@@ -357,8 +357,8 @@ def test_short_training_examples_get_past_their_warm_up(in_sandbox):
     """A docs run with run.max_steps must train: past its warm-up and near its peak lr at the
     last step, on the digits set (1,500 images) as on ImageNet, on 1 or 2 ranks (the old
     example ended inside a 40-epoch warm-up, at lr ~1e-7: loss 2.213 -> 2.200)."""
-    from pipelines.optim import lr_at
-    from pipelines.run_checks import short_run_warning
+    from pipelines.train.optim import lr_at
+    from pipelines.checkpoints.run_checks import short_run_warning
 
     short = [(where, cfg) for where, line in COMMANDS if "run.max_steps" in line
              for cfg in check_line(line, in_sandbox) if cfg.run.max_steps]
@@ -366,11 +366,11 @@ def test_short_training_examples_get_past_their_warm_up(in_sandbox):
     for where, cfg in short:
         for num_samples in (1_500, 1_281_167):
             for world in (1, 2):
-                derived = cfg.derived(num_samples, world)
+                derived = cfg.schedule(num_samples, world)
                 assert short_run_warning(cfg, derived, 0) is None, f"{where}: {short_run_warning(cfg, derived, 0)}"
-                end = derived["max_steps"] * derived["effective_batch"]
-                lr = lr_at(end, derived["lr"], derived["warmup_samples"], derived["total_samples"], cfg.optim.min_lr)
-                assert lr >= 0.5 * derived["lr"], f"{where}: lr {lr:.3g} at the last step, peak {derived['lr']:.3g}"
+                end = derived.max_steps * derived.effective_batch
+                lr = lr_at(end, derived.lr, derived.warmup_samples, derived.total_samples, cfg.optim.min_lr)
+                assert lr >= 0.5 * derived.lr, f"{where}: lr {lr:.3g} at the last step, peak {derived.lr:.3g}"
 
 
 BROKEN = [  # each must be refused: the checks above can fail

@@ -1,6 +1,6 @@
 """Decode only what a RandomResizedCrop box needs: its rows and MCU columns, at the DCT scale the
 crop allows (the C extension `_crop_decode`, libjpeg-turbo's jpeg_skip_scanlines and
-jpeg_crop_scanline). The pixels and the box are those of today's path (pipelines.transforms'
+jpeg_crop_scanline). The pixels and the box are those of today's path (pipelines.data.transforms'
 decode_rgb + decode_box: full decode at 1/k, then slice), bit for bit; only the work differs.
 
     r = decode_crop(jpeg, (top, left, h, w), min_size=224, image_hw=(H, W))
@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 try:
-    from . import _crop_decode
+    from pipelines.data import _crop_decode
     EXTENSION_ERROR = None
 except ImportError as e:  # not built (no libjpeg headers at install time): full decode, counted
     _crop_decode, EXTENSION_ERROR = None, str(e)
@@ -89,7 +89,7 @@ def decode_crop(data: bytes, box, min_size=None, image_hw: tuple[int, int] | Non
     if isinstance(min_size, int):
         min_size = (min_size, min_size)
     if image_hw is None:
-        from pipelines.transforms import image_size  # lazy: transforms will call this module
+        from pipelines.data.jpeg import image_size  # lazy: transforms will call this module
 
         image_hw = image_size(data)
     height, width = image_hw
@@ -115,7 +115,7 @@ def decode_crop(data: bytes, box, min_size=None, image_hw: tuple[int, int] | Non
 
 def _full_decode(data: bytes, height: int, width: int, box, min_size, reason: str) -> Region:
     """Today's path (decode_rgb at 1/k, then decode_box's slice), counted under `reason`."""
-    from pipelines.transforms import decode_rgb  # lazy: transforms will call this module
+    from pipelines.data.jpeg import decode_rgb  # lazy: transforms will call this module
 
     key = reason.split(":", 1)[0]
     if key == "extension missing" and not FALLBACKS[key]:

@@ -18,9 +18,9 @@ import pytest
 import yaml
 
 from data_prep.cli import main as prep
-from pipelines import config as config_loader
-from pipelines.pretrain import _free_port as free_port
-from pipelines.train_config import PretrainConfig, deepspeed_config
+from pipelines.runtime import config_loader
+from pipelines.runtime.launch import free_port
+from pipelines.train.config import PretrainConfig, deepspeed_config
 from tests.data_prep.fixtures import make_image_folder
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -88,9 +88,9 @@ def test_presets_give_batch_4096_and_the_papers_lr_at_their_node_counts():
         cfg = load_preset(path)
         nodes, gpus = preset_world(path)
         world = nodes * gpus
-        d = cfg.derived(IMAGENET_TRAIN, world)
-        assert d["effective_batch"] == 4096, path.name
-        assert d["lr"] == pytest.approx(1.5e-4 * 4096 / 256 * 0.25 / 0.75), path.name  # 8e-4
+        d = cfg.schedule(IMAGENET_TRAIN, world)
+        assert d.effective_batch == 4096, path.name
+        assert d.lr == pytest.approx(1.5e-4 * 4096 / 256 * 0.25 / 0.75), path.name  # 8e-4
         assert (cfg.optim.epochs, cfg.optim.warmup_epochs, cfg.optim.blr) == (800, 40, 1.5e-4)
         assert cfg.optim.betas == (0.9, 0.95) and cfg.optim.weight_decay == 0.05 and cfg.optim.gradient_clipping == 0
         mc = cfg.model_config()
@@ -101,7 +101,7 @@ def test_presets_give_batch_4096_and_the_papers_lr_at_their_node_counts():
         text = path.read_text()
         assert f"{nodes} nodes x {gpus} GPUs x micro {cfg.deepspeed.micro_batch} x accum " \
                f"{cfg.deepspeed.grad_accum} = 4,096" in text
-        assert f"= {d['steps_per_epoch']} per epoch; x 800 = {d['total_steps']:,} steps" in text
+        assert f"= {d.steps_per_epoch} per epoch; x 800 = {d.total_steps:,} steps" in text
 
 
 DS_PARSE = r"""

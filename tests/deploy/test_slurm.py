@@ -69,7 +69,7 @@ def test_pretrain_runs_across_two_nodes_to_the_last_checkpoint(slurm_baseline):
     for e in range(MAX_STEPS // per_epoch):  # every epoch: each image once, over both ranks
         keys = [k for step in range(e * per_epoch, (e + 1) * per_epoch) for rank in steps[step] for k in rank]
         assert len(keys) == len(set(keys)) == TRAIN_IMAGES, e
-    from pipelines.checkpointer import complete_tags
+    from pipelines.checkpoints.store import complete_tags
 
     assert complete_tags(str(out)) == [f"step{s:08d}" for s in (MAX_STEPS - SAVE_EVERY, MAX_STEPS)]  # keep_last 2
 
@@ -121,7 +121,7 @@ class Starts:
     def stop_and_time(self, label: str, act, requeued: bool, restarts: int) -> int:
         """act() stops the current start; returns the steps done when it stopped. TIMINGS gets
         signal -> stopped (off the nodes) and signal -> first step of the next start (requeued)."""
-        from pipelines.checkpointer import complete_tags
+        from pipelines.checkpoints.store import complete_tags
 
         self.trained()
         had = complete_tags(str(self.out))

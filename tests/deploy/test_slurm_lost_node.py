@@ -8,7 +8,7 @@ import time
 from tests.deploy.slurm_jobs import (MAX_STEPS, TIMINGS, TRAIN_IMAGES, finished_ok, key_records, keys_by_step,
                                      logged_steps, output, submit_pretrain, wait_for)
 
-HEARTBEAT_S = 10  # run.heartbeat_timeout_s (pipelines/watchdog.py: checked every 1 s at this timeout)
+HEARTBEAT_S = 10  # run.heartbeat_timeout_s (pipelines/runtime/watchdog.py: checked every 1 s at this timeout)
 # node1's trainer names node2 and exits after HEARTBEAT_S + up to 2 checks (10.6-11.9 s measured), before Slurm
 # marks node2 DOWN (SlurmdTimeout 10 s + up to one ping cycle: 18-20 s measured). Without the watchdog,
 # Slurm's SIGTERM cannot move a rank blocked in a gloo collective: SIGKILL after 30 s, 48 s in all.
@@ -68,7 +68,7 @@ def test_a_lost_node_is_named_the_survivor_exits_and_the_run_resumes_on_the_rema
         assert (info["JobState"], info["Restarts"]) == ("PENDING", "1"), info
         assert [c["JobState"] for c in slurm_cluster.completions() if c["JobId"] == job] == ["NODE_FAIL"]
         # a requeued job waits for 2 nodes: the operator resubmits it on the one left
-        from pipelines.checkpointer import complete_tags
+        from pipelines.checkpoints.store import complete_tags
 
         newest = complete_tags(str(out))[-1]
         slurm_cluster.command("scancel", job, check=False)

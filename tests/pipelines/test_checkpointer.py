@@ -11,10 +11,12 @@ import time
 import pytest
 import torch
 
-from pipelines import checkpoints as ckpt
-from pipelines import s3, storage
-from pipelines.checkpointer import Checkpointer
-from pipelines.train_config import RunSection
+from pipelines.checkpoints import store as ckpt
+from pipelines.checkpoints.integrity import verify_checkpoint
+from pipelines.storage import s3
+from pipelines import storage
+from pipelines.checkpoints.checkpointer import Checkpointer
+from pipelines.train.config import RunSection
 
 
 class FilesEngine:
@@ -252,7 +254,7 @@ def test_a_damaged_local_copy_is_fetched_again_from_the_store(tmp_path, capfd):
             f"the one recorded at save time (bytes changed on disk or in transit)); moved to {moved}; fetching it "
             f"again from {store}") in err, err
     assert moved.is_dir() and shard.read_bytes() != bytes(data)
-    ckpt.verify_checkpoint(str(out / "checkpoints/step00000020"))
+    verify_checkpoint(str(out / "checkpoints/step00000020"))
 
 
 def test_pruning_counts_only_checkpoints_up_to_the_one_saved(tmp_path, capfd):

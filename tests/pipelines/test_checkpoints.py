@@ -1,6 +1,6 @@
 import pytest
 
-from pipelines import checkpoints as ckpt
+from pipelines.checkpoints import store as ckpt
 from pipelines import storage
 
 
@@ -63,7 +63,7 @@ def _tag(tmp_path, name="step00000007"):
 
 
 def test_manifest_names_each_kind_of_damage_before_anything_is_unpickled(tmp_path):
-    from pipelines.checkpoint_integrity import DamagedCheckpoint, verify_checkpoint, write_manifest
+    from pipelines.checkpoints.integrity import DamagedCheckpoint, verify_checkpoint, write_manifest
 
     tag = _tag(tmp_path)
     record = write_manifest(str(tag), node=0)
@@ -90,7 +90,7 @@ def test_manifest_names_each_kind_of_damage_before_anything_is_unpickled(tmp_pat
 
 
 def test_a_checkpoint_without_a_manifest_is_checked_by_its_pickles_alone(tmp_path):
-    from pipelines.checkpoint_integrity import DamagedCheckpoint, verify_checkpoint
+    from pipelines.checkpoints.integrity import DamagedCheckpoint, verify_checkpoint
 
     tag = _tag(tmp_path, "step00000003")
     verify_checkpoint(str(tag))  # saved before manifests existed: still resumes

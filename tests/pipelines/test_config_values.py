@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from pipelines import pretrain
-from pipelines.config import ConfigError, load
-from pipelines.train_config import OptimSection, PretrainConfig, RunSection
+from pipelines.runtime.config_loader import ConfigError, load
+from pipelines.train.config import OptimSection, PretrainConfig, RunSection
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -90,9 +90,9 @@ def test_min_lr_is_checked_against_the_peak_lr_of_the_world_size(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(ConfigError, match="optim.min_lr"):
         cfg.validate()
-    assert cfg.derived(10_000, 2)["lr"] == pytest.approx(2.5e-5)
+    assert cfg.schedule(10_000, 2).lr == pytest.approx(2.5e-5)
     with pytest.raises(ConfigError, match="optim.min_lr=2e-05 is above the peak lr"):
-        cfg.derived(10_000, 1)
+        cfg.schedule(10_000, 1)
     load(PretrainConfig, None, ["optim.lr=1e-4", "optim.min_lr=1e-4"]).validate()  # equal: a constant lr
 
 
@@ -114,7 +114,7 @@ def test_the_recipe_and_the_shipped_configs_validate():
 def test_the_largest_seed_masks_without_overflow():
     """torch seeds are uint64: (seed, step, micro, rank) mixed into a seed overflowed it from run.seed
     = 278,960 on, at the first step; the mix is taken mod 2**64 (smaller values unchanged)."""
-    from pipelines.train_step import masking_noise
+    from pipelines.train.step import masking_noise
 
     cpu = torch.device("cpu")
     a = masking_noise(2**32 - 1, 250_000, 3, 7, 2, 16, cpu)

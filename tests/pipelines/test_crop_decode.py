@@ -1,5 +1,5 @@
 """The partial decode of a crop box (pipelines/data/crop_decode.py + its C extension) against
-today's path (pipelines.transforms.decode_box: full decode at 1/k, then slice) and against
+today's path (pipelines.data.transforms.decode_box: full decode at 1/k, then slice) and against
 torchvision's resized_crop, on real JPEGs written by Pillow from photo-like content."""
 import io
 import os
@@ -13,7 +13,8 @@ from PIL import Image
 
 from pipelines.data import crop_decode
 from pipelines.data.crop_decode import decode_crop
-from pipelines.transforms import DecodeError, _resize, decode_box, image_size, sample_box_flip
+from pipelines.data.jpeg import DecodeError, image_size
+from pipelines.data.transforms import _resize, decode_box, sample_box_flip
 
 
 def photo(w: int, h: int, seed: int = 0, mode: str = "RGB", **save) -> bytes:

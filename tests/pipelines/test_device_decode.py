@@ -1,4 +1,4 @@
-"""decode="gpu" (pipelines/device_decode.py, pipelines/prefetch.py) on a CPU device: the code path
+"""decode="gpu" (pipelines/data/device_decode.py, pipelines/data/prefetch.py) on a CPU device: the code path
 a GPU runs, with libjpeg-turbo (torchvision's CPU decode_jpeg) in place of nvJPEG. The nvJPEG
 pixel bound cannot be measured here (no GPU): benchmarks/loader_gpu.py --device cuda does."""
 import io
@@ -10,12 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.device_decode import (EncodedCrop, batch_to_device, decode_jpeg_batch, device_decodable,
-                                     encode_sample)
-from pipelines.prefetch import DevicePrefetcher
-from pipelines.transforms import (MAETrainTransform, collate_samples, mae_train, normalize_batch, pack_crops,
+from pipelines.data.transforms import EncodedCrop, encode_sample
+from pipelines.data.device_decode import batch_to_device, decode_jpeg_batch
+from pipelines.data.jpeg import device_decodable
+from pipelines.data.prefetch import DevicePrefetcher
+from pipelines.data.transforms import (MAETrainTransform, collate_samples, mae_train, normalize_batch, pack_crops,
                                   sample_box_flip)
-from pipelines.wds_loader import StreamingLoader
+from pipelines.data.loader import StreamingLoader
 from tests.pipelines.test_transforms import photo
 
 SIZES = [(460, 400), (150, 120), (300, 500), (900, 700), (40, 30)]
@@ -114,7 +115,7 @@ def test_a_jpeg_no_decoder_reads_is_replaced_in_its_batch_and_counted(capsys):
 def test_a_jpeg_the_device_refuses_is_decoded_on_the_host():
     """nvJPEG refusing an image libjpeg-turbo reads (the CPU twin's decoder reads everything the
     worker lets through, so the refusal is injected at the decoder boundary)."""
-    import pipelines.device_decode as dd
+    import pipelines.data.device_decode as dd
 
     datas = [photo(200, 180, seed=i) for i in range(3)]
     batch = gpu_batch(datas, 0, size=64)

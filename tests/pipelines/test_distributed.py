@@ -1,4 +1,4 @@
-"""pipelines.distributed: collectives put their tensors where the backend needs them."""
+"""pipelines.runtime.distributed: collectives put their tensors where the backend needs them."""
 import os
 import socket
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from pipelines import distributed
+from pipelines.runtime import distributed
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ def test_all_reduce_moves_the_tensor_to_the_collective_device(world_of_one):
 
 def test_a_direct_cpu_collective_fails_the_check_as_nccl_would(world_of_one):
     with distributed.check_tensor_devices("meta"):
-        with pytest.raises(RuntimeError, match="route collectives through pipelines.distributed"):
+        with pytest.raises(RuntimeError, match="route collectives through pipelines.runtime.distributed"):
             dist.all_reduce(torch.tensor([1.0]))  # what pretrain.py did before: fine on gloo, fatal on NCCL
         import deepspeed.comm as ds_dist  # the thin deepspeed.comm API counts as direct too
         ds_dist.init_distributed(dist_backend="gloo")

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from pipelines.epoch_order import EpochOrder, Partition, total
+from pipelines.data.epoch_order import EpochOrder, Partition, total
 
 
 def positions(batches):

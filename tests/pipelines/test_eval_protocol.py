@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from pipelines import linprobe
+from pipelines.eval import linprobe
 from pipelines.evaluate import main
 from tests.pipelines.test_evaluate import digits, random_export, result  # noqa: F401 - the digits fixture
 

@@ -22,9 +22,9 @@ from crossmae import MaskedAutoencoder, create_model
 from data_prep.cli import main as prep
 from pipelines import storage
 from pipelines.evaluate import main
-from pipelines.export import export_model
-from pipelines.knn import knn_classify, topk_accuracy
-from pipelines.linprobe import LARS
+from pipelines.checkpoints.export import export_model
+from pipelines.eval.knn import knn_classify, topk_accuracy
+from pipelines.eval.linprobe import LARS
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PRESET = "crossmae_vit_micro_patch4_dec64d2b"
@@ -58,8 +58,8 @@ def pretrained(digits, tmp_path_factory) -> MaskedAutoencoder:
     """300 steps of the real trainer in one plain process (about 25 s), consolidated."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from pipelines.config import load
-    from pipelines.train_config import PretrainConfig
+    from pipelines.runtime.config_loader import load
+    from pipelines.train.config import PretrainConfig
 
     run = tmp_path_factory.mktemp("pretrain") / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
@@ -272,12 +272,12 @@ def test_bad_input_is_one_line_and_exit_2(digits, tmp_path, capsys, monkeypatch)
         ["knn", "--train", digits["train"], "--val", digits["val"], str(tmp_path / "empty")],
         ["knn", "--train", digits["train"], "--val", digits["val"], export, "--index", "-1"],
         ["report", str(tmp_path / "e")],  # an export without results
-        ["finetune", "--help"],  # pipelines/finetune.py absent (simulated below)
+        ["finetune", "--help"],  # pipelines/eval/finetune.py absent (simulated below)
     ]
-    import pipelines
+    import pipelines.eval
 
-    monkeypatch.setitem(sys.modules, "pipelines.finetune", None)  # import of it fails like a missing file
-    monkeypatch.delattr(pipelines, "finetune", raising=False)
+    monkeypatch.setitem(sys.modules, "pipelines.eval.finetune", None)  # import of it fails like a missing file
+    monkeypatch.delattr(pipelines.eval, "finetune", raising=False)
     (tmp_path / "empty").mkdir()
     for argv in cases:
         assert main(argv) == 2, argv

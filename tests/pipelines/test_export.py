@@ -16,7 +16,8 @@ from crossmae import MaskedAutoencoder, ModelConfig, create_model, create_timm_e
 from crossmae.interop import library_to_released
 from crossmae.timm_export import tensors_sha256
 from pipelines import storage
-from pipelines.export import export_checkpoint, main
+from pipelines.export import main
+from pipelines.checkpoints.export import export_checkpoint
 from tests.conftest import smooth_images
 from tests.pipelines.test_pretrain import consolidated, launch, manifest  # noqa: F401 (manifest: a fixture)
 
@@ -39,8 +40,8 @@ def run(manifest, s3_server, tmp_path_factory):  # noqa: F811
 
 def trained_encoder(run_dir, tag) -> MaskedAutoencoder:
     """The reference: DeepSpeed's consolidation loaded strictly into the library model."""
-    from pipelines.config import load
-    from pipelines.train_config import PretrainConfig
+    from pipelines.runtime.config_loader import load
+    from pipelines.train.config import PretrainConfig
 
     model = MaskedAutoencoder(load(PretrainConfig, str(pathlib.Path(run_dir) / "config.yaml")).model_config())
     model.load_state_dict(consolidated(run_dir, tag))

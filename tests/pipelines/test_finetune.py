@@ -17,15 +17,9 @@ from PIL import Image
 from data_prep.cli import main as prep
 from pipelines import storage
 from pipelines.demo import write_digits
-from pipelines.finetune import (
-    FinetuneConfig,
-    FinetuneTrainTransform,
-    _posterize,
-    build_model,
-    layer_decay_groups,
-)
-from pipelines.finetune import main as finetune_main
-from pipelines.pretrain import _free_port as free_port
+from pipelines.eval.finetune import FinetuneConfig, FinetuneTrainTransform, _posterize, build_model, layer_decay_groups
+from pipelines.eval.finetune import main as finetune_main
+from pipelines.runtime.launch import free_port
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 # digits are easy but the run is tiny: the light recipe (no RandAugment / mixup / erasing) lets a
@@ -47,7 +41,7 @@ def digits(tmp_path_factory):
 def make_export(dst: pathlib.Path, step: int = 0) -> tuple[dict, dict]:
     """A random-init micro export (32 px) as crossmae-export writes it (export_model: sha256 recorded)."""
     from crossmae import create_model, export_encoder
-    from pipelines.export import export_model
+    from pipelines.checkpoints.export import export_model
 
     torch.manual_seed(0)
     model = create_model("crossmae_vit_micro_patch4_dec64d2b")
@@ -108,7 +102,7 @@ def test_two_process_zero2_finetune_learns_and_writes_the_result(digits, tmp_pat
 CHECKED = """
 import runpy, sys
 sys.path.insert(0, {root!r})
-from pipelines import distributed
+from pipelines.runtime import distributed
 check = distributed.check_tensor_devices("meta")  # every collective of this rank, until it exits
 check.__enter__()  # (kept referenced: a dropped context manager's generator is closed, undoing the check)
 runpy.run_module("pipelines.finetune", run_name="__main__", alter_sys=True)
@@ -119,7 +113,7 @@ def test_two_process_eval_reduces_on_the_collective_device(digits, tmp_path):
     """NCCL reduces only CUDA tensors ("No backend type associated with device type cpu"); gloo
     takes CPU ones, so a CPU run never shows a collective handed a host tensor or issued
     directly. Here each rank pretends its backend wants the meta device: a collective of ours
-    on another device, or one that bypasses pipelines.distributed, fails the run."""
+    on another device, or one that bypasses pipelines.runtime.distributed, fails the run."""
     export, out = tmp_path / "export", tmp_path / "run"
     make_export(export)
     script = tmp_path / "checked_finetune.py"

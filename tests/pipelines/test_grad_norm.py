@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from pipelines.pretrain import _free_port as free_port
+from pipelines.runtime.launch import free_port
 from tests.pipelines.test_pretrain import launch, manifest, records  # noqa: F401 (manifest is a fixture)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -24,9 +24,9 @@ os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0
 import deepspeed
 deepspeed.init_distributed(dist_backend="gloo")
 from crossmae import MaskedAutoencoder
-from pipelines.config import load
-from pipelines.train_config import PretrainConfig
-from pipelines.train_step import TrainStep, build_engine, masking_noise
+from pipelines.runtime.config_loader import load
+from pipelines.train.config import PretrainConfig
+from pipelines.train.step import TrainStep, build_engine, masking_noise
 
 cfg = load(PretrainConfig, None, ["model.preset=crossmae_vit_micro_patch4_dec64d2b", "data.image_size=32",
            "deepspeed.micro_batch=4", "deepspeed.grad_accum=2", f"deepspeed.zero_stage={sys.argv[1]}",

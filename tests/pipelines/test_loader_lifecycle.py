@@ -11,8 +11,8 @@ import time
 import pytest
 
 from data_prep.cli import main as prep
-from pipelines.transforms import MAETrainTransform
-from pipelines.wds_loader import StreamingLoader
+from pipelines.data.transforms import MAETrainTransform
+from pipelines.data.loader import StreamingLoader
 from tests.data_prep.fixtures import make_image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -57,8 +57,8 @@ def trainer(body: str, manifest: str, **kw) -> subprocess.Popen:
     """A process that builds a 2-worker StreamingLoader and runs ``body`` (a stand-in trainer)."""
     code = textwrap.dedent("""
         import os, signal, sys, time
-        from pipelines.transforms import MAETrainTransform
-        from pipelines.wds_loader import StreamingLoader
+        from pipelines.data.transforms import MAETrainTransform
+        from pipelines.data.loader import StreamingLoader
         loader = StreamingLoader.from_manifest(sys.argv[1], batch_size=4, transform=MAETrainTransform(32),
                                                num_workers=2, block_size=8)
     """) + textwrap.dedent(body)

@@ -10,7 +10,7 @@ import torch
 
 from data_prep.cli import main as prep
 from pipelines import storage
-from pipelines.loaders import LoaderConfig, build_loader, stage_local
+from pipelines.data.factory import LoaderConfig, build_loader, stage_local
 from tests.data_prep.fixtures import make_image_folder
 
 
@@ -142,7 +142,7 @@ def test_evaluation_sees_every_sample_exactly_once_via_valid(local, tmp_path, fm
 
 
 def test_device_resize_option_ships_crops(local, tmp_path):
-    from pipelines.transforms import resize_on_device
+    from pipelines.data.device_decode import resize_on_device
 
     cfg = cfg_for(local, "wds", tmp_path, resize="device", num_workers=0)
     on_cpu = list(build_loader(cfg_for(local, "wds", tmp_path, num_workers=0)))
@@ -163,7 +163,7 @@ def test_the_factory_gives_the_trainer_one_interface_for_both_formats(local, tmp
     """What crossmae-pretrain uses: batches with image/key/valid, len and batches_per_epoch,
     counters, state_dict/load_state_dict (a few steps, a restart, the rest), close(), and an
     EmptyEpochError for a batch larger than a rank's share."""
-    from pipelines.epoch_order import EmptyEpochError
+    from pipelines.data.epoch_order import EmptyEpochError
 
     workers = 2 if fmt == "wds" else 1  # FFCV: the configuration the resume tests compiled (numba, ~20 s each)
     cfg = cfg_for(local, fmt, tmp_path, batch_size=4, num_workers=workers, image_size=32, resize="cpu",
@@ -194,7 +194,7 @@ def test_the_factory_gives_the_trainer_one_interface_for_both_formats(local, tmp
 def test_the_factory_takes_the_trainers_transform_options_and_shard_patterns(local, tmp_path):
     import glob
 
-    from pipelines.transforms import MAETrainTransform
+    from pipelines.data.transforms import MAETrainTransform
 
     base = os.path.dirname(local["wds"])
     n = len(glob.glob(os.path.join(base, "*.tar")))

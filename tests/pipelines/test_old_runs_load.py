@@ -59,7 +59,7 @@ def test_a_checkpoint_of_the_previous_version_exports(tmp_path):
 
 
 def test_a_manifest_of_the_previous_version_streams(tmp_path):
-    from pipelines.loaders import LoaderConfig, build_loader
+    from pipelines.data.factory import LoaderConfig, build_loader
 
     old = _copy(tmp_path)
     loader = build_loader(LoaderConfig(manifest=str(old / "wds/train/manifest.json"), batch_size=4, num_workers=0,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from data_prep.cli import main as prep
-from pipelines.pretrain import _free_port as free_port
+from pipelines.runtime.launch import free_port
 from tests.data_prep.fixtures import make_image_folder
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

@@ -17,7 +17,7 @@ def test_every_collective_takes_its_tensor_on_the_backends_device(manifest, tmp_
     """NCCL refuses CPU tensors; gloo accepts them, so CPU runs never saw the crash at step 1.
     CROSSMAE_CHECK_COLLECTIVES=meta makes this 2-process gloo run refuse, as NCCL would, any
     collective the project issues directly or with a tensor not on the collective device
-    (the trainer before pipelines/distributed.py failed here at its first step)."""
+    (the trainer before pipelines/runtime/distributed.py failed here at its first step)."""
     out = tmp_path / "meta"
     launch(manifest, out, "run.max_steps=3", "run.save_every=3", "run.log_every=1",
            env_extra={"CROSSMAE_CHECK_COLLECTIVES": "meta"})

@@ -8,9 +8,9 @@ import timm.optim
 import torch
 
 from crossmae import create_model
-from pipelines.config import load
-from pipelines.optim import build_optimizer, lr_at, param_groups
-from pipelines.train_config import PretrainConfig
+from pipelines.runtime.config_loader import load
+from pipelines.train.optim import build_optimizer, lr_at, param_groups
+from pipelines.train.config import PretrainConfig
 
 CROSS, MAE = "crossmae_vit_micro_patch4_dec64d2b", "mae_vit_micro_patch4_dec64d2b"
 
@@ -105,12 +105,12 @@ def test_schedule_is_maes_per_iteration_lr_sched(overrides, world):
     same value at every iteration of the run, warm-up, cosine and min_lr included."""
     cfg = load(PretrainConfig, None, ["deepspeed.micro_batch=8", *overrides])
     num_samples = 1000
-    d = cfg.derived(num_samples, world)
+    d = cfg.schedule(num_samples, world)
     accum = cfg.deepspeed.grad_accum
-    micro_per_epoch = d["steps_per_epoch"] * accum  # MAE's len(data_loader) with drop_last
-    for step in range(d["total_steps"]):
+    micro_per_epoch = d.steps_per_epoch * accum  # MAE's len(data_loader) with drop_last
+    for step in range(d.total_steps):
         data_iter_step = step * accum  # MAE adjusts at data_iter_step % accum_iter == 0
         epoch = data_iter_step // micro_per_epoch + (data_iter_step % micro_per_epoch) / micro_per_epoch
-        expected = mae_adjust_learning_rate(epoch, d["lr"], cfg.optim.min_lr, cfg.optim.warmup_epochs, cfg.optim.epochs)
-        ours = lr_at(step * d["effective_batch"], d["lr"], d["warmup_samples"], d["total_samples"], cfg.optim.min_lr)
+        expected = mae_adjust_learning_rate(epoch, d.lr, cfg.optim.min_lr, cfg.optim.warmup_epochs, cfg.optim.epochs)
+        ours = lr_at(step * d.effective_batch, d.lr, d.warmup_samples, d.total_samples, cfg.optim.min_lr)
         assert ours == pytest.approx(expected, rel=1e-9, abs=1e-15), step

@@ -1,5 +1,5 @@
 """World-size changes between runs: a ZeRO checkpoint written by 2 ranks resumes on 1 and back
-(pipelines/reshard.py, DeepSpeed's universal checkpoint). Real trainer runs (torchrun, gloo, CPU),
+(pipelines/checkpoints/reshard.py, DeepSpeed's universal checkpoint). Real trainer runs (torchrun, gloo, CPU),
 and a probe rank script (this module's ``__main__``) that builds the engine as the trainer does,
 loads through ``prepare_resume`` and saves again at once, so the fp32 master weights and Adam's
 moments and step are compared bit for bit across 2 -> 1 -> 2 ranks for ZeRO 1, 2 and 3."""
@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from pipelines.pretrain import _free_port as free_port
-from pipelines.reshard import MARKER, prepare_resume, saved_world_size, to_universal, universal_root
+from pipelines.runtime.launch import free_port
+from pipelines.checkpoints.reshard import MARKER, prepare_resume, saved_world_size, to_universal, universal_root
 from tests.pipelines import test_pretrain
 from tests.pipelines.test_pretrain import ROOT, consolidated, keys_by_step, launch
 
@@ -139,11 +139,11 @@ def _rank_main(config: str, root: str, tag: str, save_to: str, mode: str) -> int
     import deepspeed.comm as dist
 
     from crossmae import MaskedAutoencoder
-    from pipelines import config as config_loader
-    from pipelines.optim import build_optimizer
-    from pipelines.pretrain import init_distributed
-    from pipelines.reshard import ResumePlan, load_checkpoint
-    from pipelines.train_config import PretrainConfig, deepspeed_config
+    from pipelines.runtime import config_loader
+    from pipelines.train.optim import build_optimizer
+    from pipelines.runtime.launch import init_distributed
+    from pipelines.checkpoints.reshard import ResumePlan, load_checkpoint
+    from pipelines.train.config import PretrainConfig, deepspeed_config
 
     cfg = config_loader.load(PretrainConfig, config, [])
     _, world = init_distributed(False)

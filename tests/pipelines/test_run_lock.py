@@ -1,4 +1,4 @@
-"""The run lock (pipelines/run_lock.py) between real processes: a live holder is refused by name,
+"""The run lock (pipelines/storage/run_lock.py) between real processes: a live holder is refused by name,
 a holder killed with SIGKILL (or whose pid now names another process) is taken over with a line
 saying so, a holder on another host is judged by its heartbeat, locally (a shared filesystem)
 and in the store (the real S3 server), and of several trainers racing for one lock exactly one
@@ -16,7 +16,8 @@ import time
 
 import pytest
 
-from pipelines import run_lock, storage
+from pipelines.storage import run_lock
+from pipelines import storage
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 HOLDER = r'''
@@ -24,7 +25,7 @@ import socket, sys, time
 output, store, host, lease = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
 if host != "-":
     socket.gethostname = lambda: host
-from pipelines import run_lock
+from pipelines.storage import run_lock
 try:
     lock = run_lock.RunLock(output, None if store == "-" else store, lease).acquire()
 except run_lock.RunLockError as e:

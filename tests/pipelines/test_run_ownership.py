@@ -87,7 +87,7 @@ def test_a_checkpoint_of_another_run_is_refused(manifest, ten_steps, tmp_path):
 def test_resume_none_on_a_store_that_holds_a_run_is_refused_even_with_move_old_run(manifest, tmp_path, s3_env,
                                                                                    s3_bucket):
     """A store's objects are not moved aside: a new run needs another run.store."""
-    from pipelines import checkpoints as ckpt
+    from pipelines.checkpoints import store as ckpt
     from pipelines import storage
 
     store = f"s3://{s3_bucket}/runs/r1"

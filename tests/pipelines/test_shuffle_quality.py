@@ -5,7 +5,7 @@ import pytest
 from data_prep.plan import make_plan
 from pipelines.data.shuffle_quality import (Z99, class_chi2, class_chi2_expected, class_chi2_sd, epoch_report,
                                             meets_target, spearman, windows, z_limit)
-from pipelines.epoch_order import EpochOrder, Partition
+from pipelines.data.epoch_order import EpochOrder, Partition
 
 CLASSES, SHARDS, PER_SHARD, RANKS, BATCH = 50, 64, 500, 4, 64
 

@@ -14,7 +14,7 @@ import urllib.parse
 
 import pytest
 
-from pipelines import s3 as s3_backend
+from pipelines.storage import s3 as s3_backend
 from pipelines import storage
 
 MB = 1 << 20

@@ -4,9 +4,9 @@ parameter groups and the schedule."""
 import pytest
 
 from crossmae import create_model
-from pipelines.config import ConfigError, load
-from pipelines.optim import lr_at, param_groups
-from pipelines.train_config import PretrainConfig, deepspeed_config
+from pipelines.runtime.config_loader import ConfigError, load
+from pipelines.train.optim import lr_at, param_groups
+from pipelines.train.config import PretrainConfig, deepspeed_config
 
 
 def test_yaml_then_overrides_with_types(tmp_path):
@@ -37,8 +37,8 @@ def test_learning_rate_scaling_follows_the_released_code():
     assert cfg.learning_rate(32) == pytest.approx(1.5e-4 * 16 * 0.25 / 0.75)  # 8e-4
     mae = load(PretrainConfig, None, ["deepspeed.micro_batch=128", "model.preset=mae_vit_base_patch16_dec512d8b"])
     assert mae.learning_rate(32) == pytest.approx(2.4e-3)
-    d = cfg.derived(num_samples=1_281_167, world_size=32)
-    assert d["steps_per_epoch"] == 312 and d["warmup_steps"] == 40 * 312 and d["total_steps"] == 800 * 312
+    d = cfg.schedule(num_samples=1_281_167, world_size=32)
+    assert d.steps_per_epoch == 312 and d.warmup_steps == 40 * 312 and d.total_steps == 800 * 312
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -105,27 +105,27 @@ def test_a_batch_larger_than_each_ranks_data_is_refused_naming_the_numbers():
     with pytest.raises(ConfigError, match="15 training samples over 2 rank.*7 samples.*micro_batch=8"):
         cfg.steps_per_epoch(15, 2)
     with pytest.raises(ConfigError, match="micro_batch=2000"):
-        load(PretrainConfig, None, ["deepspeed.micro_batch=2000"]).derived(1200, 1)
+        load(PretrainConfig, None, ["deepspeed.micro_batch=2000"]).schedule(1200, 1)
 
 
 def test_the_schedule_is_kept_in_samples_across_world_sizes():
     """2 -> 1 ranks without grad_accum: steps per epoch double, but the lr at a given number of
     samples seen is the same curve (peak scaled with the batch, as blr scaling says)."""
-    from pipelines.optim import lr_at
+    from pipelines.train.optim import lr_at
 
     cfg = load(PretrainConfig, None, ["deepspeed.micro_batch=8", "optim.lr=1e-3", "optim.epochs=10",
                                       "optim.warmup_epochs=2"])
-    two, one = cfg.derived(1200, 2), cfg.derived(1200, 1)
-    assert one["steps_per_epoch"] == 2 * two["steps_per_epoch"]
-    assert one["total_samples"] == two["total_samples"] and one["warmup_samples"] == two["warmup_samples"]
-    samples = 100 * two["effective_batch"]  # resumed after 100 steps on 2 ranks
-    lr2 = lr_at(samples, two["lr"], two["warmup_samples"], two["total_samples"])
-    lr1 = lr_at(samples, one["lr"], one["warmup_samples"], one["total_samples"])
+    two, one = cfg.schedule(1200, 2), cfg.schedule(1200, 1)
+    assert one.steps_per_epoch == 2 * two.steps_per_epoch
+    assert one.total_samples == two.total_samples and one.warmup_samples == two.warmup_samples
+    samples = 100 * two.effective_batch  # resumed after 100 steps on 2 ranks
+    lr2 = lr_at(samples, two.lr, two.warmup_samples, two.total_samples)
+    lr1 = lr_at(samples, one.lr, one.warmup_samples, one.total_samples)
     assert lr1 == pytest.approx(lr2)  # the old per-step schedule jumped here (0.00053 -> 0.00091 in the report)
 
 
 def test_default_workers_fit_the_machine():
-    from pipelines.train_config import default_num_workers
+    from pipelines.train.config import default_num_workers
 
     import os
     cores = len(os.sched_getaffinity(0))
@@ -142,11 +142,11 @@ def test_recompute_kv_reaches_the_decoder():
 
 
 def test_resume_lines_name_the_changes():
-    from pipelines.run_checks import describe_schedule_change, resume_config_differences
+    from pipelines.checkpoints.run_checks import describe_schedule_change, resume_config_differences
 
     cfg = load(PretrainConfig, None, ["deepspeed.micro_batch=8"])
-    derived = cfg.derived(1200, 1)
-    lines = describe_schedule_change(dict(effective_batch=16, world_size=2, lr=derived["lr"] * 2), derived, 160)
+    derived = cfg.schedule(1200, 1)
+    lines = describe_schedule_change(dict(effective_batch=16, world_size=2, lr=derived.lr * 2), derived, 160)
     assert lines[0] == "resume: effective batch 16 -> 8 (world size 2 -> 1)" and "peak lr" in lines[1]
     assert describe_schedule_change(dict(effective_batch=8), derived, 160) == []
     saved = {"model": dict(vars(cfg.model), preset="mae_vit_base_patch16_dec512d8b"), "data": vars(cfg.data)}

@@ -1,4 +1,4 @@
-"""Decode + augmentation (pipelines/transforms.py) against torchvision on real JPEGs written by
+"""Decode + augmentation (pipelines/data/transforms.py) against torchvision on real JPEGs written by
 Pillow from photo-like content (gradients + texture + grain)."""
 import io
 
@@ -10,9 +10,9 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from scipy.stats import ks_2samp
 
-from pipelines.transforms import (Crop, DecodeError, IMAGENET_MEAN, IMAGENET_STD, MAETrainTransform, collate,
-                                  decode_crop, decode_rgb, eval_transform, image_size, mae_train, normalize_batch,
-                                  pack_crops, resize_on_device, sample_crop)
+from pipelines.data.transforms import (Crop, IMAGENET_MEAN, IMAGENET_STD, MAETrainTransform, collate, decode_crop, eval_transform, mae_train, normalize_batch, pack_crops, sample_crop)
+from pipelines.data.jpeg import DecodeError, decode_rgb, image_size
+from pipelines.data.device_decode import resize_on_device
 
 BICUBIC = T.InterpolationMode.BICUBIC
 

@@ -1,4 +1,4 @@
-"""pipelines.watchdog through a real c10d TCPStore (and real processes where a rank must stop or
+"""pipelines.runtime.watchdog through a real c10d TCPStore (and real processes where a rank must stop or
 die): a peer whose heartbeat stops is named within the bound, one that finished is not, a slow
 store ends nothing, a silent store is named, a stopped peer on this machine is killed, and a
 rank whose launcher died goes too."""
@@ -16,7 +16,7 @@ from datetime import timedelta
 import pytest
 import torch.distributed as dist
 
-from pipelines import watchdog
+from pipelines.runtime import watchdog
 
 TIMEOUT, INTERVAL = 2.0, 0.2
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -27,7 +27,7 @@ import os, sys, time
 sys.path.insert(0, os.getcwd())
 from datetime import timedelta
 import torch.distributed as dist
-from pipelines import watchdog
+from pipelines.runtime import watchdog
 port, rank, world, timeout = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 def connect():
     return dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=1), wait_for_workers=False)
@@ -250,7 +250,7 @@ time.sleep(120)
 LAUNCHED = '''
 import os, sys, time
 sys.path.insert(0, os.getcwd())
-from pipelines import watchdog
+from pipelines.runtime import watchdog
 watchdog.die_with_launcher()
 open(os.environ["READY"], "w").close()
 time.sleep(120)

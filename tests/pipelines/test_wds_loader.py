@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from data_prep.cli import main as prep
-from pipelines.transforms import MAETrainTransform
-from pipelines.wds_loader import StreamingLoader
+from pipelines.data.transforms import MAETrainTransform
+from pipelines.data.loader import StreamingLoader
 from tests.data_prep.fixtures import make_image_folder
 
 N = 150  # 3 classes x 50
@@ -134,7 +134,7 @@ def test_local_shard_cache_serves_later_epochs_and_evicts_least_recently_used(sh
     import os
 
     from pipelines import storage
-    from pipelines.shard_cache import ShardCache
+    from pipelines.data.shard_cache import ShardCache
 
     base = f"s3://{s3_bucket}/cached/train"
     files = {p.name: p.read_bytes() for p in pathlib.Path(shards).parent.iterdir() if p.is_file()}
@@ -167,8 +167,8 @@ def test_any_webdataset_shards_by_brace_pattern(shards):
 
 @pytest.mark.parametrize("samples,world,batch", [(N, 1, 2000), (15, 2, 8)])
 def test_a_batch_larger_than_the_rank_share_is_an_error_not_an_endless_loop(shards, tmp_path, samples, world, batch):
-    from pipelines.epoch_order import EmptyEpochError
-    from pipelines.wds_loader import ShardList
+    from pipelines.data.epoch_order import EmptyEpochError
+    from pipelines.data.shard_cache import ShardList
 
     few = ShardList.from_manifest(str(shards)) if samples == N else _first_samples(shards, samples)
     assert sum(few.counts) == samples
@@ -181,7 +181,7 @@ def test_a_batch_larger_than_the_rank_share_is_an_error_not_an_endless_loop(shar
 
 def _first_samples(shards, n):
     """The first shards of the manifest, cut to ``n`` samples in all (the rest of the last one unread)."""
-    from pipelines.wds_loader import ShardList
+    from pipelines.data.shard_cache import ShardList
 
     full = ShardList.from_manifest(str(shards))
     urls, counts, left = [], [], n

@@ -12,7 +12,7 @@ from tests.reliability.fault_proxy import FaultProxy, Faults
 def faulty_s3_env(s3_env, monkeypatch) -> Iterator[Callable[..., FaultProxy]]:
     """`proxy = faulty_s3_env(reset=0.1, seed=1, ...)` (the Faults fields) starts a FaultProxy in
     front of the session's S3 server and points AWS_ENDPOINT_URL at it; calling it again replaces
-    the proxy. The credentials are s3_env's. No cache reset is needed: pipelines.s3 keys its
+    the proxy. The credentials are s3_env's. No cache reset is needed: pipelines.storage.s3 keys its
     cached clients by the endpoint read from the environment on every call."""
     proxies = []
 

@@ -15,8 +15,8 @@ import tarfile
 import pytest
 
 from data_prep.cli import main as prep
-from pipelines.transforms import MAETrainTransform
-from pipelines.wds_loader import StreamingLoader
+from pipelines.data.transforms import MAETrainTransform
+from pipelines.data.loader import StreamingLoader
 from tests.data_prep.fixtures import make_image_folder
 from tests.pipelines.test_pretrain import ARGS
 
@@ -175,7 +175,7 @@ PREP, PRETRAIN, EXPORT, EVAL, FINETUNE = ("data_prep.cli", "pipelines.pretrain",
                                           "pipelines.evaluate", "pipelines.finetune")
 UNREACHABLE = dict(AWS_ENDPOINT_URL="http://127.0.0.1:1", AWS_ACCESS_KEY_ID="AKIAEXAMPLEEXAMPLE",
                    AWS_SECRET_ACCESS_KEY="unreachable-secret-1234", AWS_DEFAULT_REGION="us-east-1",
-                   CROSSMAE_S3_ATTEMPTS="2")  # pipelines/s3.py: per-request attempts (default 8)
+                   CROSSMAE_S3_ATTEMPTS="2")  # pipelines/storage/s3.py: per-request attempts (default 8)
 WRONG_SECRET = "wrong-secret-value-9d7e"
 # (id, module, argv, env kind, stderr lines): SRC/OUT/MISSING/BUCKET/MANIFEST are filled in;
 # env None | "unreachable" | "badcreds"

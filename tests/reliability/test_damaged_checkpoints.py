@@ -14,7 +14,7 @@ import shutil
 import pytest
 import torch
 
-from pipelines import checkpoints as ckpt
+from pipelines.checkpoints import store as ckpt
 from pipelines import storage
 from tests.pipelines.test_pretrain import consolidated, launch, manifest  # noqa: F401 - manifest is a fixture
 
@@ -32,7 +32,7 @@ def original(manifest, tmp_path_factory) -> pathlib.Path:  # noqa: F811
 
 
 def verify_checkpoint(tag_dir: str) -> None:
-    from pipelines.checkpoint_integrity import verify_checkpoint as verify  # here: the file reads on older trees too
+    from pipelines.checkpoints.integrity import verify_checkpoint as verify  # here: the file reads on older trees too
 
     verify(tag_dir)
 

@@ -16,7 +16,7 @@ import time
 import psutil
 import pytest
 
-from pipelines.pretrain import _free_port as free_port
+from pipelines.runtime.launch import free_port
 from tests.pipelines.test_pretrain import ARGS
 from tests.reliability import test_process_faults as faults
 from tests.reliability.test_process_faults import ENV, ROOT, kill, logged_step
@@ -24,10 +24,10 @@ from tests.reliability.test_process_faults import ENV, ROOT, kill, logged_step
 manifest = faults.manifest  # the same 128-image, 8-shard data set (module-scoped fixture)
 
 HEARTBEAT_S = 10
-LOST_PEER_EXIT = 75  # pipelines.watchdog.LOST_PEER_EXIT (EX_TEMPFAIL: retry with --resume auto)
+LOST_PEER_EXIT = 75  # pipelines.runtime.watchdog.LOST_PEER_EXIT (EX_TEMPFAIL: retry with --resume auto)
 # long enough that no run ends before its rank is stopped; few saves (they are not what is tested)
 RUN = ("run.max_steps=400", "run.save_every=200", "deepspeed.zero_stage=2", f"run.heartbeat_timeout_s={HEARTBEAT_S}")
-# loader workers exit within 1 s of their rank (pipelines/wds_loader.py polls its parent each second)
+# loader workers exit within 1 s of their rank (pipelines/data/loader.py polls its parent each second)
 GRACE_S = 5
 
 

@@ -44,7 +44,8 @@ def _seeds() -> dict[str, bytes]:
 
 
 def _decode(data: bytes) -> None:
-    from pipelines.transforms import decode_rgb, eval_transform, image_size, mae_train
+    from pipelines.data.jpeg import decode_rgb, image_size
+    from pipelines.data.transforms import eval_transform, mae_train
 
     h, w = image_size(data)
     assert h > 0 and w > 0
@@ -56,7 +57,8 @@ def _decode(data: bytes) -> None:
 
 def _tar(data: bytes) -> None:
     """Read every sample the way the loader does: _ShardCursor over one shard file."""
-    from pipelines.wds_loader import ShardList, _ShardCursor
+    from pipelines.data.loader import _ShardCursor
+    from pipelines.data.shard_cache import ShardList
 
     with tempfile.NamedTemporaryFile(suffix=".tar") as f:
         f.write(data)
@@ -73,7 +75,7 @@ def _tar(data: bytes) -> None:
 
 
 def _manifest(data: bytes) -> None:
-    from pipelines.wds_loader import ShardList
+    from pipelines.data.shard_cache import ShardList
 
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "manifest.json")
@@ -85,7 +87,7 @@ def _manifest(data: bytes) -> None:
 
 def _allowed() -> dict:
     from pipelines.storage import StorageError
-    from pipelines.transforms import DecodeError
+    from pipelines.data.jpeg import DecodeError
 
     # decode: the loader's contract is DecodeError (it also tolerates any ValueError/OSError).
     # tar: tarfile's own ReadError family, ValueError (webdataset: duplicate member names).
@@ -100,8 +102,8 @@ def _serve(conn, headroom: int) -> None:
     import torch
 
     # imported before the limit: torch maps its libraries (GBs of address space) at import
-    import pipelines.transforms  # noqa: F401
-    import pipelines.wds_loader  # noqa: F401
+    import pipelines.data.transforms  # noqa: F401
+    import pipelines.data.loader  # noqa: F401
 
     torch.set_num_threads(1)
     targets, allowed = dict(decode=_decode, tar=_tar, manifest=_manifest), _allowed()

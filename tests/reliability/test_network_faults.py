@@ -17,10 +17,11 @@ import pytest
 import torch
 
 from data_prep.cli import main as prep
-from pipelines import checkpoints as ckpt
-from pipelines import s3, storage
-from pipelines.transforms import MAETrainTransform
-from pipelines.wds_loader import StreamingLoader
+from pipelines.checkpoints import store as ckpt
+from pipelines.storage import s3
+from pipelines import storage
+from pipelines.data.transforms import MAETrainTransform
+from pipelines.data.loader import StreamingLoader
 from tests.data_prep.fixtures import make_image_folder
 
 MB = 1 << 20
@@ -228,8 +229,8 @@ def test_checkpoint_saves_go_on_while_the_store_hangs(tmp_path, s3_env, s3_bucke
     """Store hung for 3 saves: each save returns after run.upload_wait_s; then the mirror catches up."""
     import threading
 
-    from pipelines.checkpointer import Checkpointer
-    from pipelines.train_config import RunSection
+    from pipelines.checkpoints.checkpointer import Checkpointer
+    from pipelines.train.config import RunSection
     from tests.pipelines.test_checkpointer import FilesEngine
 
     monkeypatch.setattr(s3, "READ_TIMEOUT", 1.0)
@@ -284,7 +285,7 @@ def model():
 
 def test_export_through_faults_completes(s3_env, s3_bucket, faulty_s3_env, model, record_property):
     """export_model to S3 through faults, 3 exports: every export.json names files that hash as recorded."""
-    from pipelines.export import export_model
+    from pipelines.checkpoints.export import export_model
 
     rates = dict(reset=0.2, internal=0.15, slowdown=0.05, delay=0.1, delay_s=0.1)
     proxy = faulty_s3_env(**rates, seed=41, max_faults=20)
@@ -304,7 +305,7 @@ def test_export_through_faults_completes(s3_env, s3_bucket, faulty_s3_env, model
 def test_export_beyond_the_retry_budget_leaves_no_false_commit_marker(s3_env, s3_bucket, faulty_s3_env, model, kind,
                                                                       target, record_property):
     """Every PUT of one export file fails: StorageError, and no export.json naming missing or stale files."""
-    from pipelines.export import export_model
+    from pipelines.checkpoints.export import export_model
 
     out, prefix = f"s3://{s3_bucket}/exports/x", "exports/x/"
     export_model(model, out, dict(source="test", tag="old"))  # a complete earlier export is being redone

@@ -20,9 +20,9 @@ import pytest
 
 from data_prep.cli import main as prep
 from pipelines import storage
-from pipelines.loaders import LoaderConfig, build_loader
-from pipelines.transforms import MAETrainTransform
-from pipelines.wds_loader import StreamingLoader
+from pipelines.data.factory import LoaderConfig, build_loader
+from pipelines.data.transforms import MAETrainTransform
+from pipelines.data.loader import StreamingLoader
 from tests.data_prep.fixtures import make_image_folder
 from tests.pipelines.test_pretrain import ARGS
 

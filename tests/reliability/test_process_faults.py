@@ -19,7 +19,7 @@ import torch
 
 from data_prep.cli import main as prep
 from pipelines import storage
-from pipelines.pretrain import _free_port as free_port
+from pipelines.runtime.launch import free_port
 from tests.data_prep.fixtures import make_image_folder
 from tests.pipelines.test_pretrain import ARGS, consolidated
 
@@ -301,7 +301,7 @@ def test_crash_while_uploading_leaves_the_store_on_the_previous_checkpoint(manif
                                                                            s3_bucket, record_property):
     """SIGKILL during the store upload of checkpoint step 6: `latest` still names step 4, a fresh node
     resumes from the store at step 4 and the run ends equal to an uninterrupted one."""
-    from pipelines import checkpoints as ckpt
+    from pipelines.checkpoints import store as ckpt
 
     record_property("fault", "SIGKILL while uploading checkpoint step 6 to S3 (run.store, async upload)")
     record_property("trials", 1)

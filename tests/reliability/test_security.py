@@ -129,17 +129,18 @@ def test_export_readers_refuse_a_pickle_in_place_of_safetensors(tmp_path, record
     """crossmae-eval (Export.encoder, feature cache) and finetune (read_export) read safetensors only."""
     from safetensors import SafetensorError
 
-    from pipelines import evaluate, finetune, knn
+    from pipelines.eval import finetune, inputs
+    from pipelines.eval import knn
 
     _record(record_property, "malicious pickle named model.safetensors / a feature cache file in an export",
-            "evaluate.Export.encoder, knn.load_features, finetune.read_export raise SafetensorError; marker not created")
+            "inputs.Export.encoder, knn.load_features, finetune.read_export raise SafetensorError; marker not created")
     marker, export = tmp_path / "PWNED", tmp_path / "export"
     evil_file(export / "model.safetensors", marker)
     (export / "config.json").write_text(json.dumps({"architecture": "vit_tiny_patch16_224", "model_args": {}}))
     (export / "export.json").write_text(json.dumps({"tag": "step00000001", "step": 1}))
     evil_file(tmp_path / "features.safetensors", marker)
     with pytest.raises(SafetensorError):
-        evaluate.Export.read(str(export)).encoder()
+        inputs.Export.read(str(export)).encoder()
     with pytest.raises(SafetensorError):
         finetune.read_export(str(export))
     with pytest.raises(SafetensorError):
@@ -166,8 +167,9 @@ def test_hostile_member_names_stay_names(tmp_path, record_property):
     import tarfile
 
     from data_prep.shards import tar_member
-    from pipelines.transforms import MAETrainTransform
-    from pipelines.wds_loader import ShardList, StreamingLoader
+    from pipelines.data.transforms import MAETrainTransform
+    from pipelines.data.loader import StreamingLoader
+    from pipelines.data.shard_cache import ShardList
     from tests.data_prep.fixtures import jpeg_bytes, make_imagenet_tree, synthetic_image
 
     _record(record_property, "tar members named ../../x.JPEG, /abs/x.JPEG, inner tar ../../<wnid>.tar (ImageNet "

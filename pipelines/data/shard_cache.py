@@ -1,0 +1,150 @@
+"""WebDataset shards: the list (`ShardList`, from a manifest or a brace pattern), a forward
+reader that names the damage it meets (`ShardReader`), and an optional local cache.
+
+The cache, for multi-epoch runs: remote shards are copied to a local
+directory on first use and read from there afterwards; least recently used shards are
+evicted once the directory exceeds its byte limit. Safe with many worker processes: copies
+are atomic (temp + rename), a shard is only ever replaced by identical bytes, and an evicted
+file that is still open stays readable (POSIX unlink semantics)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+
+from braceexpand import braceexpand
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from pipelines import storage
+from pipelines.data.shard_names import shard_url
+
+
+@dataclass(frozen=True)
+class ShardList:
+    urls: tuple[str, ...]
+    counts: tuple[int, ...]
+
+    @classmethod
+    def from_manifest(cls, manifest_url: str) -> "ShardList":
+        try:
+            m = json.loads(storage.read_bytes(manifest_url))
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise ValueError(f"{manifest_url}: not JSON ({e})") from None
+        fmt = m.get("format") if isinstance(m, dict) else type(m).__name__
+        if fmt != "webdataset":
+            raise ValueError(f"{manifest_url}: not a WebDataset manifest (format={fmt!r})")
+        try:
+            shards = [(str(s["name"]), int(s["num_samples"])) for s in m["shards"]]
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
+            raise ValueError(f"{manifest_url}: malformed shard list ({type(e).__name__}: {e})") from None
+        for name, n in shards:
+            if n < 0:
+                raise ValueError(f"{manifest_url}: bad shard entry {name!r} ({n} samples)")
+        urls = tuple(shard_url(manifest_url, name) for name, _ in shards)  # refuses names leaving the folder
+        return cls(urls, tuple(n for _, n in shards))
+
+    @classmethod
+    def from_pattern(cls, pattern: str) -> "ShardList":
+        """Any WebDataset shards named by a brace pattern (``s3://b/train-{000000..000099}.tar``).
+        Without a manifest the sample counts are unknown: each shard is streamed once to count
+        its samples (write a manifest with crossmae-prep to skip this)."""
+        urls = tuple(braceexpand(pattern))
+        counts = []
+        for url in urls:
+            with storage.open_read(url) as f:
+                counts.append(sum(1 for _ in group_by_keys(dict(m, __url__=url) for m in tar_file_iterator(f))))
+        return cls(urls, tuple(counts))
+
+    @classmethod
+    def from_spec(cls, spec: str) -> "ShardList":
+        """A manifest URL (``.../manifest.json``) or a brace pattern of tar URLs."""
+        return cls.from_manifest(spec) if spec.endswith(".json") else cls.from_pattern(spec)
+
+
+class ShardReader:
+    """Reads samples of one epoch's shard stream forward, skipping (not decoding) what it passes."""
+
+    def __init__(self, shards: ShardList, cache: ShardCache | None = None):
+        self.shards, self.shard, self.next_index, self.samples, self.file = shards, None, 0, None, None
+        self.cache, self.damage = cache, ""
+
+    def _open(self, shard: int) -> None:
+        self.close()
+        url = self.shards.urls[shard]
+        self.file = self.cache.open(url) if self.cache else storage.open_read(url)
+        self.samples = group_by_keys(dict(f, __url__=url) for f in tar_file_iterator(self.file))
+        self.shard, self.next_index, self.damage = shard, 0, ""
+
+    def get(self, shard: int, index: int) -> dict | None:
+        """The sample, or None past the readable end of the shard (``self.damage`` says why)."""
+        if shard == self.shard and self.damage and index >= self.readable:
+            return None  # known to be past the damage: no second read of the shard
+        if shard != self.shard or index < self.next_index:
+            self._open(shard)
+        sample = None
+        while self.next_index <= index:
+            read, error = self.next_index, ""
+            try:
+                sample = next(self.samples, None)
+            except (tarfile.TarError, ValueError) as e:  # truncated / damaged tar: the rest of the shard is unreadable
+                sample, error = None, f" ({type(e).__name__}: {e})"
+            self.next_index += 1
+            if sample is None:  # shard shorter than the manifest says
+                self.next_index = self.shards.counts[shard] + 1
+                self.readable = read
+                self.damage = f"unreadable after {read} of its {self.shards.counts[shard]} samples{error}"
+            if self.damage:
+                return None
+        return sample
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        self.file = None
+
+
+class ShardCache:
+    def __init__(self, directory: str, max_bytes: int):
+        self.directory, self.max_bytes = directory, max_bytes
+        os.makedirs(directory, exist_ok=True)
+
+    def path_for(self, url: str) -> str:
+        digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+        return os.path.join(self.directory, f"{digest}-{url.rsplit('/', 1)[-1]}")
+
+    def open(self, url: str):
+        """A local reader for ``url``: cached copy if present (marked as used), else fetched."""
+        if "://" not in url or url.startswith("file://"):
+            return storage.open_read(url)  # already local: nothing to cache
+        path = self.path_for(url)
+        try:
+            os.utime(path)  # mtime = last use: the LRU order
+            return open(path, "rb")
+        except FileNotFoundError:
+            pass
+        with storage.open_read(url) as src, storage.open_write(path) as dst:
+            while chunk := src.read(8 << 20):
+                dst.write(chunk)
+        self.evict(keep=path)
+        return open(path, "rb")
+
+    def evict(self, keep: str | None = None) -> int:
+        """Delete least recently used shards until the cache fits; returns bytes freed."""
+        entries = []
+        for e in os.scandir(self.directory):
+            if e.is_file() and not e.name.startswith("."):
+                st = e.stat()
+                entries.append((st.st_mtime, st.st_size, e.path))
+        used, freed = sum(s for _, s, _ in entries), 0
+        for _, size, path in sorted(entries):
+            if used - freed <= self.max_bytes:
+                break
+            if path != keep:
+                try:
+                    os.unlink(path)
+                    freed += size
+                except FileNotFoundError:
+                    pass
+        return freed
