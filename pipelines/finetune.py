@@ -6,16 +6,7 @@ under DeepSpeed like pretraining.
         data.val=./wds/val/manifest.json optim.epochs=5 deepspeed.micro_batch=32
     crossmae-eval finetune ./export --config ft.yaml          (one plain process)
 
-The export (a directory or storage prefix: model.safetensors, timm config.json, export.json)
-becomes a timm ViT with a fresh head (global average pooling + fc_norm, drop path), trained
-with layer-wise lr decay (timm's BEiT/MAE param groups), warmup + cosine, AdamW, RandAugment,
-random erasing, mixup/cutmix and label smoothing; top-1/top-5 on the val manifest after every
-epoch, each val sample counted exactly once across ranks (every collective through
-pipelines.runtime.distributed, whose tensors are on the device the backend needs: CUDA under NCCL). Writes ``run.output``/metrics.jsonl,
-config.yaml, deepspeed.json, checkpoints/epoch####/ (``--resume auto``), and the result
-``<export>/eval/finetune.json``. The export's files are checked against the sha256 its
-export.json records before use (pipelines/eval/inputs.py; the result records the sha256 of the
-bytes read), its weights must be finite, and every config value is checked (pipelines/eval/finetune_config.py).
+The recipe, what is written and what is checked: pipelines/eval/finetune.py.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ pipelines.runtime.distributed, whose tensors are on the device the backend needs
 config.yaml, deepspeed.json, checkpoints/epoch####/ (``--resume auto``), and the result
 ``<export>/eval/finetune.json``. The export's files are checked against the sha256 its
 export.json records before use (pipelines/eval/inputs.py; the result records the sha256 of the
-bytes read), its weights must be finite, and every config value is checked (finetune_config.py).
+bytes read), its weights must be finite, and every config value is checked (pipelines/eval/finetune_config.py).
 """
 from __future__ import annotations
 
