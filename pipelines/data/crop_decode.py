@@ -17,12 +17,15 @@ raise its DecodeError here too.
 """
 from __future__ import annotations
 
+import os
 import sys
 from collections import Counter
 from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
+
+from pipelines.data.jpeg import decode_rgb, image_size
 
 try:
     from pipelines.data import _crop_decode
@@ -31,6 +34,7 @@ except ImportError as e:  # not built (no libjpeg headers at install time): full
     _crop_decode, EXTENSION_ERROR = None, str(e)
 
 FALLBACKS: Counter = Counter()  # reason -> images this process decoded in full instead
+_SAID: dict[str, int] = {}  # reason -> the pid that said it on stderr
 _JPEG_START, _JPEG_END = b"\xff\xd8", b"\xff\xd9"
 
 
@@ -89,8 +93,6 @@ def decode_crop(data: bytes, box, min_size=None, image_hw: tuple[int, int] | Non
     if isinstance(min_size, int):
         min_size = (min_size, min_size)
     if image_hw is None:
-        from pipelines.data.jpeg import image_size  # lazy: transforms will call this module
-
         image_hw = image_size(data)
     height, width = image_hw
     k = dct_scale(height, width, box, min_size)
@@ -114,17 +116,22 @@ def decode_crop(data: bytes, box, min_size=None, image_hw: tuple[int, int] | Non
 
 
 def _full_decode(data: bytes, height: int, width: int, box, min_size, reason: str) -> Region:
-    """Today's path (decode_rgb at 1/k, then decode_box's slice), counted under `reason`."""
-    from pipelines.data.jpeg import decode_rgb  # lazy: transforms will call this module
-
-    key = reason.split(":", 1)[0]
-    if key == "extension missing" and not FALLBACKS[key]:
-        print(f"crop_decode: warning: the C extension is not built ({EXTENSION_ERROR}); every image is decoded "
-              "in full (rebuild with `pip install -e .` where libjpeg62-turbo-dev is installed)",
-              file=sys.stderr, flush=True)
-    FALLBACKS[key] += 1
+    """Today's path (decode_rgb at 1/k, then decode_box's slice), counted under `reason` once it
+    decoded: bytes that raise DecodeError here are the loader's skipped samples, not fallbacks.
+    Each reason is said on stderr once per process (the first image), not once per image."""
     _, _, h, w = box
     img = decode_rgb(data, (height * min_size[0] // h, width * min_size[1] // w) if min_size else None)
     k = round(height / img.shape[0])  # decode_rgb may decode at full size anyway (PIL's path)
     y0, x0, sh, sw = snap_box(box, k, height, width)
+    key = reason.split(":", 1)[0]
+    FALLBACKS[key] += 1
+    if _SAID.get(key) != os.getpid():  # a forked worker says it again: its own stderr line
+        _SAID[key] = os.getpid()
+        if key == "extension missing":
+            print(f"crop_decode: warning: the C extension is not built ({EXTENSION_ERROR}); every image is decoded "
+                  "in full (rebuild with `pip install -e .` where libjpeg62-turbo-dev is installed)",
+                  file=sys.stderr, flush=True)
+        else:
+            print(f"crop_decode: {reason}: decoded in full instead of the crop box (counted in "
+                  f"crop_decode.FALLBACKS[{key!r}]; said once per process)", file=sys.stderr, flush=True)
     return Region(img[y0:y0 + sh, x0:x0 + sw], (y0, x0, sh, sw), k, reason)

@@ -6,8 +6,9 @@ ratio=(3/4, 4/3), bicubic) + RandomHorizontalFlip(0.5), reproduced in distributi
 `sample_crop` (same algorithm) and made fast by working in this order:
 
 1. read the size from the JPEG header (simplejpeg, ~2 us) and sample the crop box there;
-2. decode with libjpeg-turbo (simplejpeg), at a reduced DCT scale 1/2, 1/4 or 1/8 when the
-   crop still has >= `size` pixels each way at that scale (skips most IDCT work);
+2. decode only the crop's rows and MCU columns with libjpeg-turbo (pipelines.data.crop_decode),
+   at a reduced DCT scale 1/2, 1/4 or 1/8 when the crop still has >= `size` pixels each way at
+   that scale (skips most IDCT work); progressive/CMYK/odd JPEGs: full decode, counted;
 3. resize ONLY the crop, with torch's uint8 antialiased bicubic kernel: the AVX2 port of
    Pillow-SIMD's resampler that torchvision itself uses on tensors, so the result is the
    reference's to within rounding (mean abs error 0.01/255 vs PIL bicubic on the same box,
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch.utils.data import get_worker_info
 from PIL import Image
 
+from pipelines.data import crop_decode
 from pipelines.data.jpeg import DecodeError, decode_rgb, device_decodable, image_size
 
 try:  # opencv ships with the ffcv extra; without it a numpy copy costs ~40 us more per image
@@ -137,21 +139,16 @@ def sample_box_flip(height: int, width: int, rng, scale=MAE_SCALE, ratio=MAE_RAT
 
 def decode_box(data: bytes, height: int, width: int, box, size: int = 224,
                dct_scale: bool = True) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """(crop, box actually cropped): decode `data` (height x width, from its header) on the CPU
-    and cut `box` out, HWC uint8 (a view, not flipped). With dct_scale, decoded at 1/k scale
-    when the crop keeps >= `size` pixels each way, the box snapped to that grid."""
-    top, left, h, w = box
-    H, W = height, width
-    img = decode_rgb(data, (H * size // h, W * size // w) if dct_scale else None)
-    if img.shape[0] != H:  # decoded at 1/k: snap the box to the nearest 1/k-scale pixels
-        # (moves each edge by <= k/2 full-res px). Flooring the start and ceiling the end
-        # instead measured mean abs error 6.1/255 vs 2.4 snapped, on a sharp 9-px checker.
-        k = round(H / img.shape[0])  # scaled height is ceil(H / k), k in {2, 4, 8}
-        y0, x0 = round(top / k), round(left / k)
-        y1, x1 = min(img.shape[0], round((top + h) / k)), min(img.shape[1], round((left + w) / k))
-        crop = img[y0:y1, x0:x1]
-        return crop, (y0 * k, x0 * k, min(H, y1 * k) - y0 * k, min(W, x1 * k) - x0 * k)
-    return img[top:top + h, left:left + w], (top, left, h, w)
+    """(crop, box actually cropped): decode only `box` of `data` (height x width, from its
+    header) on the CPU, HWC uint8, not flipped (pipelines.data.crop_decode: the box's rows and
+    MCU columns). With dct_scale, decoded at 1/k scale when the crop keeps >= `size` pixels
+    each way, the box snapped to that grid (each edge moves <= k/2 full-res px; flooring the
+    start and ceiling the end instead measured mean abs error 6.1/255 vs 2.4 snapped, on a
+    sharp 9-px checker). Pixels and box are those of the full decode + slice, bit for bit
+    (tests/pipelines/test_crop_decode.py); progressive, CMYK and odd JPEGs take that full
+    decode, counted in crop_decode.FALLBACKS and said once per reason on stderr."""
+    region = crop_decode.decode_crop(data, box, (size, size) if dct_scale else None, (height, width))
+    return region.pixels, region.full_res_box(height, width)
 
 
 def decode_crop(data: bytes, rng, size: int = 224, scale=MAE_SCALE, ratio=MAE_RATIO, flip_p: float = 0.5,

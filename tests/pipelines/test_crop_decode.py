@@ -1,6 +1,7 @@
 """The partial decode of a crop box (pipelines/data/crop_decode.py + its C extension) against
-today's path (pipelines.data.transforms.decode_box: full decode at 1/k, then slice) and against
-torchvision's resized_crop, on real JPEGs written by Pillow from photo-like content."""
+the loader's path before it (`full_decode_box` below: full decode at 1/k, then slice) and against
+torchvision's resized_crop, on real JPEGs written by Pillow from photo-like content. The loader's
+transforms.decode_box is decode_crop, so tests/pipelines/test_transforms.py holds it to the bound."""
 import io
 import os
 from collections import Counter
@@ -13,8 +14,20 @@ from PIL import Image
 
 from pipelines.data import crop_decode
 from pipelines.data.crop_decode import decode_crop
-from pipelines.data.jpeg import DecodeError, image_size
+from pipelines.data.jpeg import DecodeError, decode_rgb, image_size
 from pipelines.data.transforms import _resize, decode_box, sample_box_flip
+
+
+def full_decode_box(data: bytes, H: int, W: int, box, size: int = 224, dct_scale: bool = True):
+    """The reference: the loader's decode_box before the partial decode (commit e344cc6)."""
+    top, left, h, w = box
+    img = decode_rgb(data, (H * size // h, W * size // w) if dct_scale else None)
+    if img.shape[0] != H:
+        k = round(H / img.shape[0])
+        y0, x0 = round(top / k), round(left / k)
+        y1, x1 = min(img.shape[0], round((top + h) / k)), min(img.shape[1], round((left + w) / k))
+        return img[y0:y1, x0:x1], (y0 * k, x0 * k, min(H, y1 * k) - y0 * k, min(W, x1 * k) - x0 * k)
+    return img[top:top + h, left:left + w], (top, left, h, w)
 
 
 def photo(w: int, h: int, seed: int = 0, mode: str = "RGB", **save) -> bytes:
@@ -43,6 +56,7 @@ def boxes(data: bytes, n: int = 40):
 @pytest.fixture(autouse=True)
 def fresh_counts(monkeypatch):
     monkeypatch.setattr(crop_decode, "FALLBACKS", Counter())
+    monkeypatch.setattr(crop_decode, "_SAID", {})
 
 
 def test_the_install_builds_the_extension_where_libjpeg_headers_exist():
@@ -69,7 +83,7 @@ def test_partial_decode_gives_todays_pixels_and_box_exactly(case):
     scales = Counter()
     for box in boxes(data):
         for size in (224, 64, None):  # None: full resolution (today's dct_scale=False)
-            expect, expect_box = decode_box(data, h, w, box, size or 224, dct_scale=size is not None)
+            expect, expect_box = full_decode_box(data, h, w, box, size or 224, dct_scale=size is not None)
             got = decode_crop(data, box, size, (h, w))
             assert got.fallback is None, got.fallback
             assert got.full_res_box(h, w) == expect_box, (box, size)
@@ -91,7 +105,7 @@ def test_resized_crops_are_no_further_from_torchvision_than_todays_path():
         for box in boxes(data, 10)[:10]:
             ref = TF.resized_crop(full, *box, [224, 224], TF.InterpolationMode.BICUBIC, antialias=True)
             ref = ref.permute(1, 2, 0).numpy().astype(np.int16)
-            today, _ = decode_box(data, h, w, box, 224)
+            today, _ = full_decode_box(data, h, w, box, 224)
             errors["today"].append(np.abs(_resize(today, 224, 224).astype(np.int16) - ref).mean())
             partial = decode_crop(data, box, 224, (h, w)).pixels
             errors["partial"].append(np.abs(_resize(partial, 224, 224).astype(np.int16) - ref).mean())
@@ -100,29 +114,34 @@ def test_resized_crops_are_no_further_from_torchvision_than_todays_path():
     assert partial < 2.0, errors["partial"]  # DCT-scaled 1200x900 crops included; full-res ones ~0.2
 
 
-def test_progressive_and_cmyk_jpegs_take_the_full_decode_and_are_counted():
+def test_progressive_and_cmyk_jpegs_take_the_full_decode_are_counted_and_said_once(capsys):
     for mode, save, reason in (("RGB", {"progressive": True}, "progressive"), ("CMYK", {}, "CMYK")):
         data = photo(320, 240, mode=mode, **save)
         for box in boxes(data, 5):
             got = decode_crop(data, box, 224, (240, 320))
-            expect, expect_box = decode_box(data, 240, 320, box, 224)
+            expect, expect_box = full_decode_box(data, 240, 320, box, 224)
             if crop_decode.EXTENSION_ERROR is None:
-                assert got.fallback == reason
+                assert got.fallback.split(":")[0] == reason
             assert np.array_equal(got.pixels, expect) and got.full_res_box(240, 320) == expect_box
+            assert decode_box(data, 240, 320, box, 224)[1] == expect_box  # the loader's hook: the same
+    err = capsys.readouterr().err.splitlines()
     if crop_decode.EXTENSION_ERROR is None:
-        assert crop_decode.FALLBACKS == {"progressive": 8, "CMYK": 8}
+        assert crop_decode.FALLBACKS == {"progressive": 16, "CMYK": 16}
+        assert len(err) == 2 and "progressive" in err[0] and "CMYK" in err[1], err
+    else:
+        assert len(err) == 1 and "C extension is not built" in err[0]
 
 
 @needs_extension
-def test_a_12_bit_jpeg_is_counted_then_fails_as_today():
+def test_a_12_bit_jpeg_fails_as_today_and_is_a_skip_not_a_fallback():
     data = bytearray(photo(64, 48))
     sof = data.index(b"\xff\xc0")
     data[sof + 4] = 12  # sample precision: libjpeg-turbo 2.1 (8-bit) and PIL refuse it
     with pytest.raises(DecodeError):
-        decode_box(bytes(data), 48, 64, (0, 0, 48, 64))
+        full_decode_box(bytes(data), 48, 64, (0, 0, 48, 64))
     with pytest.raises(DecodeError):
         decode_crop(bytes(data), (0, 0, 48, 64), 224, (48, 64))
-    assert crop_decode.FALLBACKS == {"12-bit": 1}
+    assert not crop_decode.FALLBACKS  # the loader counts it once, as a skipped sample
 
 
 @needs_extension
@@ -138,14 +157,15 @@ def test_damaged_or_foreign_bytes_get_todays_result(damage):
         data = buf.getvalue()
     box = (0, 0, 60, 80)
     try:
-        expect = decode_box(data, 200, 300, box, 224)[0]
+        expect = full_decode_box(data, 200, 300, box, 224)[0]
     except DecodeError:
         with pytest.raises(DecodeError):
             decode_crop(data, box, 224, (200, 300))
+        assert not crop_decode.FALLBACKS  # a skipped sample, not a fallback
     else:
         assert np.array_equal(decode_crop(data, box, 224, (200, 300)).pixels, expect)
-    reason = {"truncated": "no end marker", "garbled, end marker kept": "corrupt", "png": "not a JPEG"}[damage]
-    assert crop_decode.FALLBACKS == {reason: 1}
+        reason = {"truncated": "no end marker", "garbled, end marker kept": "corrupt", "png": "not a JPEG"}[damage]
+        assert crop_decode.FALLBACKS == {reason: 1}
 
 
 def test_without_the_extension_every_image_is_decoded_in_full_counted_and_said_once(monkeypatch, capsys):
@@ -155,7 +175,7 @@ def test_without_the_extension_every_image_is_decoded_in_full_counted_and_said_o
     for box in boxes(data, 3):
         got = decode_crop(data, box, 224)  # the size from the header
         assert got.fallback == "extension missing"
-        assert np.array_equal(got.pixels, decode_box(data, 375, 500, box, 224)[0])
+        assert np.array_equal(got.pixels, full_decode_box(data, 375, 500, box, 224)[0])
     assert crop_decode.FALLBACKS == {"extension missing": 6}
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "C extension is not built" in err[0] and "pip install -e ." in err[0]
