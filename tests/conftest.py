@@ -1,8 +1,16 @@
 import os
 import sys
 
-import pytest
-import torch
+# torch.compile as a no-op in the processes the tests start (model.compile is on for CUDA only,
+# so no run here compiles), because DeepSpeed's ZeRO check imports its Muon optimizer, whose
+# @torch.compile decorators load TorchInductor at every start: a 3-step micro run measured 11.3-12.9 s of CPU with this vs 16.0-17.1 s without (2026-12-02,
+# same loss; its 3 steps also ran 35 vs 7 img/s). The demo test runs without it, as users do, and
+# a run that asks for model.compile under it says that it will not compile (train/step.py).
+# The test that does compile (crossmae/test_decoder_fast.py) switches dynamo back on for itself.
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # One `ninja` for every process: the venv's (pip) and Debian's take turns rebuilding DeepSpeed's
 # CPU comm op in the shared TORCH_EXTENSIONS_DIR (30-45 s each time) when PATHs differ.

@@ -9,7 +9,8 @@ from pipelines import storage
 from pipelines.demo import main
 
 
-def test_demo_runs_end_to_end(tmp_path):
+def test_demo_runs_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)  # as users run it (tests/conftest.py sets it)
     out = tmp_path / "demo"
     assert main(["--out", str(out), "--steps", "12"]) == 0
     summary = json.loads((out / "demo.json").read_text())

@@ -16,6 +16,7 @@ stays a device tensor; the metrics read it on log steps only.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -38,6 +39,16 @@ def compile_enabled(cfg: PretrainConfig, device: torch.device) -> bool:
     return device.type == "cuda" if cfg.model.compile is None else cfg.model.compile
 
 
+def say_if_compile_is_a_no_op() -> bool:
+    """model.compile is on: say so on stderr when TORCHDYNAMO_DISABLE makes torch.compile a no-op
+    (the tests set it; a user who set it for something else would otherwise run eagerly unknowing)."""
+    if os.environ.get("TORCHDYNAMO_DISABLE", "") != "1":  # torch's own test (torch/_dynamo/eval_frame.py)
+        return False
+    print("crossmae-pretrain: warning: model.compile is on but TORCHDYNAMO_DISABLE is set: torch.compile is a "
+          "no-op and the model runs eagerly", file=sys.stderr, flush=True)
+    return True
+
+
 def build_engine(cfg: PretrainConfig, world: int, device: torch.device, ds_patch: dict | None = None,
                  lr: float | None = None):
     """Model + torch AdamW (fused on CUDA) -> ``deepspeed.initialize`` with the config derived
@@ -55,6 +66,7 @@ def build_engine(cfg: PretrainConfig, world: int, device: torch.device, ds_patch
                                 cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.decay_tokens)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     if compile_enabled(cfg, device):
+        say_if_compile_is_a_no_op()
         engine.compile()
     bf16_weights = resolve_precision(cfg, on_gpu) == "bf16" and cfg.deepspeed.bf16_mode == "weights"
     # autocast keeps fp32 inputs: the patch targets of the loss stay exact (bf16 keeps 8 bits)

@@ -134,7 +134,8 @@ def test_full_decoding_through_the_model_matches_reference(fuse_use_input):
     torch.testing.assert_close(out.pred, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_compiles_without_graph_breaks():
+def test_compiles_without_graph_breaks(monkeypatch):
+    monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)  # tests/conftest.py sets it: compile would be a no-op
     dec = small_decoder(True, False)
     feats = encoder_features(True)
     ids = torch.stack([torch.randperm(NUM_PATCHES)[:QUERIES] for _ in range(BATCH)])

@@ -155,3 +155,18 @@ def test_resume_lines_name_the_changes():
     del saved["model"]["recompute_kv"]  # a run from before that key existed: not a difference
     saved["model"]["preset"] = cfg.model.preset
     assert resume_config_differences(cfg, saved) == []
+
+
+def test_compile_under_torchdynamo_disable_is_said_not_silent(monkeypatch, capsys):
+    """tests/conftest.py sets TORCHDYNAMO_DISABLE=1 (DeepSpeed's start loads TorchInductor otherwise);
+    a run that asks for model.compile under it is told that torch.compile does nothing."""
+    from pipelines.train.step import say_if_compile_is_a_no_op
+
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
+    assert say_if_compile_is_a_no_op()
+    assert capsys.readouterr().err.count("TORCHDYNAMO_DISABLE is set") == 1
+    for off in ("0", ""):
+        monkeypatch.setenv("TORCHDYNAMO_DISABLE", off)
+        assert not say_if_compile_is_a_no_op()
+    monkeypatch.delenv("TORCHDYNAMO_DISABLE")
+    assert not say_if_compile_is_a_no_op() and capsys.readouterr().err == ""
