@@ -9,8 +9,8 @@ import sys
 # The test that does compile (crossmae/test_decoder_fast.py) switches dynamo back on for itself.
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 # One `ninja` for every process: the venv's (pip) and Debian's take turns rebuilding DeepSpeed's
 # CPU comm op in the shared TORCH_EXTENSIONS_DIR (30-45 s each time) when PATHs differ.
