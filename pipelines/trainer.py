@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 import torch
 import yaml
@@ -28,7 +29,7 @@ from pipelines.data.transforms import normalize_batch
 from pipelines.runtime import config_loader, distributed
 from pipelines.runtime.versions import code_version
 from pipelines.train.config import PretrainConfig, default_num_workers, deepspeed_config, resolve_precision
-from pipelines.train.metrics import Observer, RunMetrics
+from pipelines.train.metrics import Observer, RunMetrics, process_start_time
 from pipelines.train.optim import set_lr
 from pipelines.train.step import TrainStep, build_engine, device_batches
 
@@ -106,7 +107,9 @@ class Trainer:
         self.device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
         self.step = self.samples = 0
         self.loader = self.checkpointer = self.batches = self.keys_log = None
+        self.resumed, self.process_started = False, process_start_time()
         os.makedirs(os.path.join(cfg.run.output, "checkpoints"), exist_ok=True)  # every rank: none waits on rank 0
+        self.loader_built = time.time()  # time to first batch counts from here too (and from process start)
         self.loader = train_loader(cfg, rank, world, on_gpu)
         self.checkpointer = Checkpointer(cfg.run, rank, world)
         try:
@@ -133,6 +136,7 @@ class Trainer:
         eff = self.schedule.effective_batch
         self.step, self.samples = client["step"], client.get("samples", client["step"] * eff)
         self.loader.load_state_dict(client["loader"])
+        self.resumed = True
         if self.rank == 0:
             how = f" (saved by {plan.saved_world_size} ranks, universal checkpoint)" if plan.universal else ""
             print(f"resumed from {tag} at step {self.step}{how}", file=sys.stderr)
@@ -168,7 +172,7 @@ class Trainer:
         obs = Observer(run.output, self.rank == 0, self.schedule.max_steps, self.step, run.tensorboard)
         self.metrics = RunMetrics(cfg, obs, self.batches, self.world, self.device,
                                   flops_per_image=3 * flops_per_image(self.engine.module.config, "pred")["total"],
-                                  samples_per_epoch=self.schedule.samples_per_epoch)
+                                  samples_per_epoch=self.schedule.samples_per_epoch, store=self.loader)
         self.train_step = TrainStep(self.engine, cfg, self.device, self.rank, self.world,
                                     on_skip=self.metrics.skipped_step)
         self.keys_log = open(os.path.join(run.output, f"keys-rank{self.rank}.jsonl"), "a", buffering=1) \
@@ -179,12 +183,16 @@ class Trainer:
         """The training loop: one screen, top to bottom."""
         try:
             self._start()
-            stopped, end = False, self.schedule.max_steps
+            stopped, end, first = False, self.schedule.max_steps, _FirstArrival(self.batches, self.device)
             self.stop.arm()  # from here on Ctrl-C saves a checkpoint at the end of the step
             while self.step < end:
                 lr = self.schedule.lr_at(self.samples)
                 set_lr(self.optimizer, lr)
-                result = self.train_step(self.step, self.batches, self.stop.requested)
+                result = self.train_step(self.step, first, self.stop.requested)
+                if not first.reported:
+                    first.reported = True  # every rank, after the same step: one collective
+                    self.metrics.report_first_batch(first.at, self.loader_built, self.process_started, self.rank,
+                                             self.resumed)
                 self.step, self.samples = self.step + 1, self.samples + self.schedule.effective_batch
                 self.metrics.step(self.step, result, lr, self.engine)  # metrics.jsonl / TensorBoard every log_every
                 self._log_keys(result)
@@ -231,6 +239,24 @@ class Trainer:
         self.batches = self.keys_log = self.loader = None
         if self.checkpointer is not None:
             self.checkpointer.close(wait_s)
+
+
+class _FirstArrival:
+    """The device batches, noting when the first one was ready on the device (wall clock)."""
+
+    def __init__(self, batches, device: torch.device):
+        self.batches, self.device, self.at, self.reported = batches, device, None, False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        out = next(self.batches)
+        if self.at is None:
+            if self.device.type == "cuda":  # its copy may still run on the side stream
+                torch.cuda.synchronize(self.device)
+            self.at = time.time()
+        return out
 
 
 def _forever(loader):

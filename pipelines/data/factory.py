@@ -111,6 +111,7 @@ class _FFCVLoader(EpochCursor, LoaderCounters):
         self.drop_last, self._readers = cfg.drop_last and train, 1
         self.pin_memory = cfg.pin_memory and torch.cuda.is_available()
         self._reset_counters()
+        self._reset_traffic()  # stays empty: the .beton is read from local disk
         self._iterator = None
         self._check_not_empty()
 

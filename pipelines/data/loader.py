@@ -50,6 +50,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipelines.data.epoch_order import EpochCursor, EpochOrder, Partition
+from pipelines.storage import traffic
 from pipelines.data.shard_cache import ShardCache, ShardList, ShardReader
 from pipelines.data.transforms import collate_samples
 
@@ -103,6 +104,7 @@ class _EpochStream(IterableDataset):
         valid = part.valid_counts(self.rank, worker)
         flat = [g for batch in batches for g in batch]
         cursor, cache, start = ShardReader(self.shards, self.cache), {}, 0
+        before = traffic.snapshot()  # this process's store traffic: each batch carries what it cost
         try:
             for positions, n_valid in zip(batches, valid):
                 missing = [g for g in positions if g not in cache]
@@ -115,7 +117,9 @@ class _EpochStream(IterableDataset):
                         sample = cursor.get(shard, index)
                         cache[g] = sample if sample is not None else _Missing(self.shards.urls[shard], cursor.damage)
                 start += len(positions)
-                yield self._batch(positions, n_valid, cache, order.epoch)
+                store, before = dict(traffic.since(before), shards=cursor.store_reads), traffic.snapshot()
+                cursor.store_reads = []
+                yield dict(self._batch(positions, n_valid, cache, order.epoch), store=store)
         finally:
             cursor.close()
 
@@ -193,7 +197,30 @@ def _close_open_loaders() -> None:
 class LoaderCounters:
     """What a loader delivered and skipped on this rank, for both formats: ``stats`` ("samples":
     batch entries delivered, plus skipped samples per reason), ``samples_seen`` (valid entries:
-    new, readable samples), ``skipped_by_shard``; saved in ``state_dict()``."""
+    new, readable samples), ``skipped_by_shard``; saved in ``state_dict()``.
+
+    ``traffic``: this process's object-store reads per epoch, {epoch: Counter(gets, bytes, retries,
+    shard_reads, shard_rereads)} (pipelines/storage/traffic.py; a re-read is a shard read from the
+    store again after an earlier read in this process). Counted in the workers and carried to this
+    process on the batches they cost (so a batch prefetched when the loader closes goes uncounted);
+    not saved in state_dict(): a checkpoint holds rank 0's state, and a resumed process reads afresh."""
+
+    dataset_bytes: int | None = None  # the shards' bytes, where the manifest says them
+
+    def _reset_traffic(self) -> None:
+        self.traffic: dict[int, Counter] = {}
+        self._store_shards: set[int] = set()
+
+    def traffic_total(self) -> Counter:
+        return sum(self.traffic.values(), Counter())
+
+    def _count_store(self, store: dict) -> None:
+        epoch = self.traffic.setdefault(self.epoch, Counter())
+        epoch.update({k: v for k, v in store.items() if k != "shards"})
+        for shard in store["shards"]:
+            epoch["shard_reads"] += 1
+            epoch["shard_rereads"] += shard in self._store_shards
+            self._store_shards.add(shard)
 
     def _reset_counters(self, state: dict | None = None) -> None:
         state = state or {}
@@ -217,6 +244,9 @@ class LoaderCounters:
 
     def _count(self, batch: dict) -> None:
         """Counters, and one stderr line per damaged shard and reason the first time this rank meets it."""
+        store = batch.pop("store", None)
+        if store is not None:
+            self._count_store(store)
         for url, reason, count, detail in batch["skipped"]:
             self.stats[reason] += count
             self.skipped_by_shard.setdefault(url, Counter())[reason] += count
@@ -250,6 +280,7 @@ class StreamingLoader(EpochCursor, LoaderCounters):
         self.seed, self.block_size, self.drop_last, self.prefetch_factor = seed, block_size, drop_last, prefetch_factor
         self._readers = max(1, num_workers)
         self._reset_counters()
+        self._reset_traffic()
         self._stream, self._stopping = None, None
         self.cache = ShardCache(cache_dir, cache_bytes) if cache_dir and cache_bytes > 0 else None
         self._check_not_empty()
@@ -262,6 +293,10 @@ class StreamingLoader(EpochCursor, LoaderCounters):
     @property
     def num_samples(self) -> int:
         return sum(self.shards.counts)
+
+    @property
+    def dataset_bytes(self) -> int | None:
+        return self.shards.dataset_bytes
 
     @property
     def transform(self):

@@ -8,6 +8,7 @@ are atomic (temp + rename), a shard is only ever replaced by identical bytes, an
 file that is still open stays readable (POSIX unlink semantics)."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -21,10 +22,20 @@ from pipelines import storage
 from pipelines.data.shard_names import shard_url
 
 
+def is_remote(url: str) -> bool:
+    """Read from an object store (the reads that pipelines/storage/traffic.py counts)."""
+    return "://" in url and not url.startswith("file://")
+
+
 @dataclass(frozen=True)
 class ShardList:
     urls: tuple[str, ...]
     counts: tuple[int, ...]
+    sizes: tuple[int, ...] = ()  # bytes per shard, from a manifest (empty: unknown)
+
+    @property
+    def dataset_bytes(self) -> int | None:
+        return sum(self.sizes) if self.sizes and len(self.sizes) == len(self.urls) else None
 
     @classmethod
     def from_manifest(cls, manifest_url: str) -> "ShardList":
@@ -37,13 +48,14 @@ class ShardList:
             raise ValueError(f"{manifest_url}: not a WebDataset manifest (format={fmt!r})")
         try:
             shards = [(str(s["name"]), int(s["num_samples"])) for s in m["shards"]]
+            sizes = tuple(int(s["bytes"]) for s in m["shards"]) if all("bytes" in s for s in m["shards"]) else ()
         except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise ValueError(f"{manifest_url}: malformed shard list ({type(e).__name__}: {e})") from None
         for name, n in shards:
             if n < 0:
                 raise ValueError(f"{manifest_url}: bad shard entry {name!r} ({n} samples)")
         urls = tuple(shard_url(manifest_url, name) for name, _ in shards)  # refuses names leaving the folder
-        return cls(urls, tuple(n for _, n in shards))
+        return cls(urls, tuple(n for _, n in shards), sizes)
 
     @classmethod
     def from_pattern(cls, pattern: str) -> "ShardList":
@@ -64,16 +76,20 @@ class ShardList:
 
 
 class ShardReader:
-    """Reads samples of one epoch's shard stream forward, skipping (not decoding) what it passes."""
+    """Reads samples of one epoch's shard stream forward, skipping (not decoding) what it passes.
+    ``store_reads``: the shards it read from the object store (not from the cache), in order."""
 
     def __init__(self, shards: ShardList, cache: ShardCache | None = None):
         self.shards, self.shard, self.next_index, self.samples, self.file = shards, None, 0, None, None
-        self.cache, self.damage = cache, ""
+        self.cache, self.damage, self.store_reads = cache, "", []
 
     def _open(self, shard: int) -> None:
         self.close()
         url = self.shards.urls[shard]
         self.file = self.cache.open(url) if self.cache else storage.open_read(url)
+        from_store = self.cache.fetched if self.cache else is_remote(url)
+        if from_store:
+            self.store_reads.append(shard)
         self.samples = group_by_keys(dict(f, __url__=url) for f in tar_file_iterator(self.file))
         self.shard, self.next_index, self.damage = shard, 0, ""
 
@@ -108,6 +124,7 @@ class ShardReader:
 class ShardCache:
     def __init__(self, directory: str, max_bytes: int):
         self.directory, self.max_bytes = directory, max_bytes
+        self.fetched = False  # whether the last open() read the shard from the store
         os.makedirs(directory, exist_ok=True)
 
     def path_for(self, url: str) -> str:
@@ -116,19 +133,34 @@ class ShardCache:
 
     def open(self, url: str):
         """A local reader for ``url``: cached copy if present (marked as used), else fetched."""
-        if "://" not in url or url.startswith("file://"):
+        self.fetched = False
+        if not is_remote(url):
             return storage.open_read(url)  # already local: nothing to cache
         path = self.path_for(url)
+        cached = self._cached(path)
+        if cached:
+            return cached
+        # one fetch per shard per node: workers and ranks sharing the directory that miss the same
+        # shard at once wait for the first one's copy instead of each reading it from the store
+        with open(os.path.join(self.directory, "." + os.path.basename(path) + ".lock"), "wb") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            cached = self._cached(path)
+            if cached:
+                return cached
+            self.fetched = True
+            with storage.open_read(url) as src, storage.open_write(path) as dst:
+                while chunk := src.read(8 << 20):
+                    dst.write(chunk)
+        self.evict(keep=path)
+        return open(path, "rb")
+
+    @staticmethod
+    def _cached(path: str):
         try:
             os.utime(path)  # mtime = last use: the LRU order
             return open(path, "rb")
         except FileNotFoundError:
-            pass
-        with storage.open_read(url) as src, storage.open_write(path) as dst:
-            while chunk := src.read(8 << 20):
-                dst.write(chunk)
-        self.evict(keep=path)
-        return open(path, "rb")
+            return None
 
     def evict(self, keep: str | None = None) -> int:
         """Delete least recently used shards until the cache fits; returns bytes freed."""

@@ -1,19 +1,17 @@
 """S3 backend of pipelines.storage (boto3). Use pipelines.storage, not this module.
 
 Retries, two layers, each bounded:
-- every HTTP request (GET/PUT/HEAD/LIST and each multipart part): botocore "standard" mode,
-  REQUEST_ATTEMPTS attempts, on throttling (SlowDown, 429), 500/502/503/504, RequestTimeout,
-  connection errors and timeouts; truncated exponential backoff with full jitter,
-  rand(0,1) * min(base * 2**i, 20 s), base 1 s for throttling and 50 ms otherwise. Each attempt
-  is bounded by CONNECT_TIMEOUT / READ_TIMEOUT (10 s / 30 s), and no retry starts after
-  RETRY_BUDGET_S (120 s) from the request's start: a hung store holds one request < 180 s
+- every HTTP request (GET/PUT/HEAD/LIST and each multipart part): botocore "standard" mode, REQUEST_ATTEMPTS
+  attempts, on throttling (SlowDown, 429), 500/502/503/504, RequestTimeout, connection errors and timeouts;
+  truncated exponential backoff with full jitter, rand(0,1) * min(base * 2**i, 20 s), base 1 s for throttling
+  and 50 ms otherwise. Each attempt is bounded by CONNECT_TIMEOUT / READ_TIMEOUT (10 s / 30 s), and no retry
+  starts after RETRY_BUDGET_S (120 s) from the request's start: a hung store holds one request < 180 s
   (120 s + one attempt of 10 + 30 s + one backoff of <= 20 s).
 - a body that breaks mid-stream (reset, timeout, short read) is past botocore's reach: the
-  reader re-GETs with Range from the byte where it stopped and If-Match on the first ETag (so
-  it never splices two versions), up to RESUME_ATTEMPTS times without progress, with our own
-  full-jitter backoff.
-Errors that are not transient (NoSuchKey, AccessDenied, InvalidAccessKeyId, NoSuchBucket...)
-are turned into one StorageError at once.
+  reader re-GETs with Range from the byte where it stopped and If-Match on the first ETag (so it
+  never splices two versions), up to RESUME_ATTEMPTS times without progress, with full-jitter backoff.
+Errors that are not transient (NoSuchKey, AccessDenied, InvalidAccessKeyId, NoSuchBucket...) are turned
+into one StorageError at once. GETs, bytes and retries are counted in pipelines/storage/traffic.py.
 """
 from __future__ import annotations
 
@@ -32,6 +30,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore import exceptions as bexc
 from botocore.config import Config
 
+from pipelines.storage import traffic
 from pipelines.storage.errors import StorageError, StorageNotFoundError
 
 MB = 1 << 20
@@ -169,6 +168,7 @@ def error(url: str, e: Exception, action: str) -> StorageError:
 
 
 def _backoff(failures: int) -> None:
+    traffic.count(retries=1)  # a GET is sent again (pipelines/storage/traffic.py)
     time.sleep(random.random() * min(BACKOFF_CAP, BACKOFF_BASE * 2 ** failures))  # full jitter
 
 
@@ -184,8 +184,7 @@ class S3Reader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def seekable(self) -> bool:
-        return True
+    seekable = readable
 
     def tell(self) -> int:
         return self._pos
@@ -210,14 +209,14 @@ class S3Reader(io.RawIOBase):
 
     def _open(self) -> bool:
         """GET from self._pos; False when there is nothing left (past the end)."""
-        if self._end is not None and self._pos >= self._end:
+        end = self._size if self._end is None else self._end  # known end: no GET that can only answer 416
+        if end is not None and self._pos >= end:
             return False
-        kw = {"Bucket": self.bucket, "Key": self.key}
+        kw = {"Bucket": self.bucket, "Key": self.key, **({"IfMatch": self._etag} if self._etag else {})}
         if self._pos or self._end is not None:
             kw["Range"] = f"bytes={self._pos}-{'' if self._end is None else self._end - 1}"
-        if self._etag:
-            kw["IfMatch"] = self._etag
         try:
+            traffic.count(gets=1)
             resp = client().get_object(**kw)
         except bexc.ClientError as e:
             code, status = _code_status(e)
@@ -229,6 +228,7 @@ class S3Reader(io.RawIOBase):
                                    f"no longer matches at byte {self._pos})", self.url) from e
             raise
         self._body = resp["Body"]
+        traffic.count(gets=(n := resp["ResponseMetadata"].get("RetryAttempts", 0)), retries=n)  # botocore's
         if "Range" in kw and not resp.get("ContentRange", "").startswith(f"bytes {self._pos}-"):
             # A 200 with the whole object: splicing it in at self._pos would corrupt the read.
             self._drop()
@@ -283,6 +283,7 @@ class S3Reader(io.RawIOBase):
                 raise error(self.url, e, "read") from e
             if not data:
                 self._drop()
+            traffic.count(bytes=len(data))
             self._pos += len(data)
             return data
 
@@ -303,8 +304,7 @@ class S3Reader(io.RawIOBase):
 
 
 def read(url, bucket, key, start, end) -> bytes:
-    with S3Reader(url, bucket, key, start, end) as r:
-        return r.readall()
+    return S3Reader(url, bucket, key, start, end).readall()  # readall closes the body at the end
 
 
 def open_read(url, bucket, key, start):

@@ -7,6 +7,7 @@ import os
 import resource
 import sys
 import time
+from collections import Counter
 
 import numpy as np
 import torch
@@ -37,6 +38,19 @@ def peak_memory_gb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
+
+
+def process_start_time() -> float:
+    """When this process started (wall clock, 10 ms resolution): /proc/self/stat's starttime
+    (clock ticks after boot) plus the boot time; the time of this call where /proc has neither."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rpartition(")")[2].split()[19])  # field 22, counted after the comm field
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
 
 
 def write_png(path: str, image: np.ndarray) -> None:
@@ -121,8 +135,10 @@ class RunMetrics:
     end-of-run summary line."""
 
     def __init__(self, cfg, obs: Observer, loader, world: int, device: torch.device, flops_per_image: float,
-                 samples_per_epoch: int = 0):
+                 samples_per_epoch: int = 0, store=None):
         self.cfg, self.obs, self.loader, self.world, self.device = cfg, obs, loader, world, device
+        self.store = store  # the loader itself (``loader`` is its prefetcher): its object-store traffic
+        self.first_batch: dict = {}  # report_first_batch(): logged on the first log line and in the summary
         self.samples_per_epoch = samples_per_epoch
         self.flops_per_image, self.peak = flops_per_image, peak_tflops(cfg.run.peak_tflops)
         self.imgs_per_step = cfg.effective_batch(world)
@@ -157,7 +173,7 @@ class RunMetrics:
         skipped, seen = self._loader_counts()
         share = self.data_wait / seconds
         # log steps only: the counts summed, the slowest rank's data-wait share
-        skipped_all, seen_all = distributed.all_reduce_values([skipped, seen])
+        skipped_all, seen_all, *traffic = distributed.all_reduce_values([skipped, seen, *self._traffic()])
         share_max = distributed.all_reduce(torch.tensor([share], dtype=torch.float64), op="max").item()
         ips = self.window * self.imgs_per_step / seconds
         grad_norm = result.grad_norm  # a device tensor until here: the one read of it per log step
@@ -171,7 +187,8 @@ class RunMetrics:
                           skipped_nonfinite=self.skipped_nonfinite, skipped_samples=int(skipped_all),
                           samples_seen=int(seen_all),
                           skipped_samples_rank0={k: v for k, v in stats.items() if k != "samples"},
-                          seconds=round(seconds, 4)))
+                          **self._traffic_fields(traffic), **self.first_batch, seconds=round(seconds, 4)))
+        self.first_batch = {k: v for k, v in self.first_batch.items() if k == "first_batch_summary"}
         self.t_last, self.data_wait, self.window, self.losses = now, 0.0, 0, []
         limit = self.cfg.data.max_skipped_fraction
         drawn = skipped_all + seen_all  # samples_seen counts the good ones only
@@ -182,6 +199,37 @@ class RunMetrics:
                                 f"of an epoch ({self.samples_per_epoch} samples); "
                                 "run `crossmae-prep verify` on the shards")
 
+    def report_first_batch(self, at: float, loader_built: float, process_started: float, rank: int, resumed: bool) -> None:
+        """Time to first batch on the device, from process start and from loader construction, on
+        every rank (ONE collective: each rank fills its own slots); rank 0 says the slowest."""
+        mine = [0.0] * (2 * self.world)
+        mine[2 * rank], mine[2 * rank + 1] = at - process_started, at - loader_built
+        every = distributed.all_reduce_values(mine)
+        slowest = max(range(self.world), key=lambda r: every[2 * r])
+        total, from_loader = every[2 * slowest], every[2 * slowest + 1]
+        start = "resume" if resumed else "cold start"
+        self.first_batch = dict(first_batch_s=round(total, 3), first_batch_loader_s=round(from_loader, 3),
+                                first_batch_slowest_rank=slowest, first_batch_start=start,
+                                first_batch_rank_s=[round(every[2 * r], 3) for r in range(self.world)])
+        self.first_batch["first_batch_summary"] = (f"first batch after {total:.2f} s (loader {from_loader:.2f} s), "
+                                                   f"slowest rank {slowest}, {start}")
+        self.obs.message(f"crossmae-pretrain: {self.first_batch['first_batch_summary']}")
+
+    def _traffic(self) -> list[float]:
+        """This rank's store traffic since the process started: gets, bytes, retries, re-reads, and
+        the bytes of the current epoch (pipelines/data/loader.py LoaderCounters.traffic)."""
+        by_epoch = getattr(self.store, "traffic", None) or {}
+        total = sum(by_epoch.values(), Counter())
+        epoch = by_epoch.get(self.loader.epoch, Counter())
+        return [total["gets"], total["bytes"], total["retries"], total["shard_rereads"], epoch["bytes"]]
+
+    def _traffic_fields(self, summed: list[float]) -> dict:
+        gets, read, retries, rereads, epoch_bytes = (int(v) for v in summed)
+        dataset = getattr(self.store, "dataset_bytes", None)
+        return dict(store_gets=gets, store_bytes=read, store_retries=retries, shard_rereads=rereads,
+                    store_bytes_epoch=epoch_bytes,
+                    bytes_read_per_dataset_epoch=round(epoch_bytes / dataset, 4) if dataset else None)
+
     def recon(self, step: int, module, fixed) -> None:
         from crossmae.visualize import reconstruction_grid
 
@@ -189,7 +237,8 @@ class RunMetrics:
 
     def finish(self, step: int, checkpointer) -> dict:
         skipped, seen = self._loader_counts()
-        skipped_all, seen_all = distributed.all_reduce_values([skipped, seen])
+        skipped_all, seen_all, *traffic = distributed.all_reduce_values([skipped, seen, *self._traffic()])
+        store = self._traffic_fields(traffic)
         seconds = time.perf_counter() - self.t_start
         ips = self.steps_run * self.imgs_per_step / seconds if seconds > 0 else 0.0
         latest = os.path.join(self.cfg.run.output, "checkpoints", f"step{step:08d}")
@@ -200,11 +249,20 @@ class RunMetrics:
         if skipped_all:
             line += (f"; {int(skipped_all)} of {int(skipped_all + seen_all)} samples damaged and replaced "
                      "(see the warnings above; `crossmae-prep verify` names the shards)")
+        dataset = getattr(self.store, "dataset_bytes", None)
+        line += (f"; store: {store['store_gets']} GETs, {store['store_bytes'] / 2**20:.1f} MiB"
+                 + (f" ({store['store_bytes'] / dataset:.2f}x the dataset)" if dataset else "")
+                 + f", {store['store_retries']} retries, {store['shard_rereads']} shard re-reads (all ranks)")
+        if "first_batch_summary" in self.first_batch:
+            line += f"; {self.first_batch['first_batch_summary']}"
         fallbacks = getattr(checkpointer, "fallbacks", None) or []
         if fallbacks:
             line += (f"; resumed past {len(fallbacks)} damaged checkpoint(s) ({', '.join(fallbacks)}; "
                      "see the lines above)")
         self.obs.message(line)
         self.obs.close()
+        by_epoch = getattr(self.store, "traffic", None) or {}
         return dict(final_loss=self.last_loss, images_per_s=ips, skipped_samples=int(skipped_all),
-                    resume_fallbacks=len(fallbacks))
+                    resume_fallbacks=len(fallbacks), **store,
+                    store_traffic_rank={str(e): dict(c) for e, c in sorted(by_epoch.items())},
+                    **{k: v for k, v in self.first_batch.items() if k != "first_batch_summary"})
