@@ -3,13 +3,15 @@ reader that names the damage it meets (`ShardReader`), and an optional local cac
 
 The cache, for multi-epoch runs: remote shards are copied to a local
 directory on first use and read from there afterwards; least recently used shards are
-evicted once the directory exceeds its byte limit. Safe with many worker processes: copies
-are atomic (temp + rename), a shard is only ever replaced by identical bytes, and an evicted
-file that is still open stays readable (POSIX unlink semantics)."""
+evicted once the directory exceeds its byte limit. Safe with many worker processes and ranks
+sharing the directory: copies are atomic (temp + rename), each shard is fetched once per
+directory, and a shard being read is never evicted (ShardCache: the per-shard locks)."""
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
+import io
 import json
 import os
 import tarfile
@@ -122,61 +124,103 @@ class ShardReader:
 
 
 class ShardCache:
+    """Locks, one file per shard under ``<directory>/.locks/`` (flock; they stay: removing a lock file
+    another process has open would split the lock): a reader holds its shard's lock shared while
+    the shard is open, a fetch holds it exclusive, and eviction takes it exclusive without waiting,
+    skipping the shard when it cannot. So each shard is fetched once per node (readers that miss
+    the same shard at once wait for the first one's copy), and no shard is deleted while a worker
+    or rank reads it: the cache can run over its limit by the shards open at once (one per reader)."""
+
     def __init__(self, directory: str, max_bytes: int):
         self.directory, self.max_bytes = directory, max_bytes
+        self.locks = os.path.join(directory, ".locks")
         self.fetched = False  # whether the last open() read the shard from the store
-        os.makedirs(directory, exist_ok=True)
+        os.makedirs(self.locks, exist_ok=True)
 
     def path_for(self, url: str) -> str:
         digest = hashlib.sha256(url.encode()).hexdigest()[:16]
         return os.path.join(self.directory, f"{digest}-{url.rsplit('/', 1)[-1]}")
 
+    def _lock(self, path: str):
+        return open(os.path.join(self.locks, os.path.basename(path) + ".lock"), "ab")
+
     def open(self, url: str):
-        """A local reader for ``url``: cached copy if present (marked as used), else fetched."""
+        """A local reader for ``url``: cached copy if present (marked as used), else fetched; the
+        shard's lock is held shared until the reader is closed."""
         self.fetched = False
         if not is_remote(url):
             return storage.open_read(url)  # already local: nothing to cache
         path = self.path_for(url)
-        cached = self._cached(path)
-        if cached:
-            return cached
-        # one fetch per shard per node: workers and ranks sharing the directory that miss the same
-        # shard at once wait for the first one's copy instead of each reading it from the store
-        with open(os.path.join(self.directory, "." + os.path.basename(path) + ".lock"), "wb") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            cached = self._cached(path)
-            if cached:
-                return cached
-            self.fetched = True
-            with storage.open_read(url) as src, storage.open_write(path) as dst:
-                while chunk := src.read(8 << 20):
-                    dst.write(chunk)
-        self.evict(keep=path)
-        return open(path, "rb")
+        lock = self._lock(path)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH)  # waits while another process fetches or evicts it
+            if not self._mark_used(path):
+                fcntl.flock(lock, fcntl.LOCK_EX)  # not atomic (the shared lock goes first): look again
+                if not self._mark_used(path):
+                    self.fetched = True
+                    with storage.open_read(url) as src, storage.open_write(path) as dst:
+                        while chunk := src.read(8 << 20):
+                            dst.write(chunk)
+                fcntl.flock(lock, fcntl.LOCK_SH)  # the other readers of this shard go on
+            file = _Locked(path, lock)
+        except BaseException:
+            lock.close()
+            raise
+        if self.fetched:
+            self.evict(keep=path)
+        return file
 
     @staticmethod
-    def _cached(path: str):
+    def _mark_used(path: str) -> bool:
+        """Whether the shard is cached; if so, its mtime is now (last use: the LRU order)."""
         try:
-            os.utime(path)  # mtime = last use: the LRU order
-            return open(path, "rb")
+            os.utime(path)
+            return True
         except FileNotFoundError:
-            return None
+            return False
 
-    def evict(self, keep: str | None = None) -> int:
-        """Delete least recently used shards until the cache fits; returns bytes freed."""
+    def shards(self) -> list[tuple[float, int, str]]:
+        """The cached shards, (last use, bytes, path); locks and partial copies (dot names) are not."""
         entries = []
         for e in os.scandir(self.directory):
-            if e.is_file() and not e.name.startswith("."):
-                st = e.stat()
-                entries.append((st.st_mtime, st.st_size, e.path))
+            if not e.name.startswith(".") and e.is_file():
+                with contextlib.suppress(FileNotFoundError):  # evicted since the scan
+                    st = e.stat()
+                    entries.append((st.st_mtime, st.st_size, e.path))
+        return entries
+
+    def evict(self, keep: str | None = None) -> int:
+        """Delete least recently used shards until the cache fits, skipping those being read or
+        fetched now; returns bytes freed."""
+        entries = self.shards()
         used, freed = sum(s for _, s, _ in entries), 0
         for _, size, path in sorted(entries):
             if used - freed <= self.max_bytes:
                 break
-            if path != keep:
+            if path == keep:
+                continue
+            with self._lock(path) as lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # open in a reader, or being fetched: it stays
                 try:
                     os.unlink(path)
                     freed += size
                 except FileNotFoundError:
                     pass
         return freed
+
+
+class _Locked(io.BufferedReader):
+    """A cached shard open for reading, holding its shared lock: closing it lets eviction have it."""
+
+    def __init__(self, path: str, lock):
+        super().__init__(io.FileIO(path, "rb"))
+        self._lock = lock
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._lock.close()

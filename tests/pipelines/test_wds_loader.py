@@ -143,7 +143,7 @@ def test_local_shard_cache_serves_later_epochs_and_evicts_least_recently_used(sh
     shard_bytes = max(len(d) for n, d in files.items() if n.endswith(".tar"))
     ld = loader(f"{base}/manifest.json", cache_dir=str(tmp_path / "c"), cache_bytes=100 * shard_bytes)
     first = keys_of(take(ld))
-    cached = sorted(os.listdir(tmp_path / "c"))
+    cached = sorted(n for n in os.listdir(tmp_path / "c") if not n.startswith("."))  # .locks/: the cache's own
     assert len(cached) == sum(n.endswith(".tar") for n in files)
     for name in list(files):
         if name.endswith(".tar"):
@@ -153,8 +153,37 @@ def test_local_shard_cache_serves_later_epochs_and_evicts_least_recently_used(sh
     cache = ShardCache(str(tmp_path / "c"), max_bytes=3 * shard_bytes)
     oldest = min(cached, key=lambda n: os.path.getmtime(tmp_path / "c" / n))
     assert cache.evict() > 0
-    left = os.listdir(tmp_path / "c")
+    left = [n for n in os.listdir(tmp_path / "c") if not n.startswith(".")]
     assert len(left) <= 3 and oldest not in left
+
+
+def test_the_shard_cache_never_evicts_a_shard_another_process_is_reading(shards, s3_bucket, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from pipelines import storage
+    from pipelines.data.shard_cache import ShardCache
+
+    base = f"s3://{s3_bucket}/held/train"
+    tars = sorted(p for p in pathlib.Path(shards).parent.iterdir() if p.suffix == ".tar")[:3]
+    for p in tars:
+        storage.write_bytes(f"{base}/{p.name}", p.read_bytes())
+    cache = ShardCache(str(tmp_path / "c"), max_bytes=1 << 30)
+    for p in tars:
+        cache.open(f"{base}/{p.name}").close()
+    held = cache.open(f"{base}/{tars[1].name}")
+    assert not cache.fetched, "cached by the loop above"
+    evict = ("import sys; from pipelines.data.shard_cache import ShardCache; "
+             "print(ShardCache(sys.argv[1], 0).evict())")
+    run = lambda: subprocess.run([sys.executable, "-c", evict, str(tmp_path / "c")], capture_output=True,
+                                 text=True, check=True, cwd=os.getcwd(), timeout=60).stdout
+    freed = int(run())
+    assert [p for _, _, p in cache.shards()] == [cache.path_for(f"{base}/{tars[1].name}")], "only the one being read"
+    assert freed == tars[0].stat().st_size + tars[2].stat().st_size
+    assert held.read() == tars[1].read_bytes()
+    held.close()
+    assert int(run()) == tars[1].stat().st_size and cache.shards() == [], "closed: evicted like any other"
 
 
 def test_any_webdataset_shards_by_brace_pattern(shards):
