@@ -111,6 +111,7 @@ class Trainer:
         os.makedirs(os.path.join(cfg.run.output, "checkpoints"), exist_ok=True)  # every rank: none waits on rank 0
         self.loader_built = time.time()  # time to first batch counts from here too (and from process start)
         self.loader = train_loader(cfg, rank, world, on_gpu)
+        self.loader_build_s = time.time() - self.loader_built  # the manifest: part of the loader's own time
         self.checkpointer = Checkpointer(cfg.run, rank, world)
         try:
             self.schedule = cfg.schedule(self.loader.num_samples, world)  # refuses a batch larger than a rank's data
@@ -192,7 +193,7 @@ class Trainer:
                 if not first.reported:
                     first.reported = True  # every rank, after the same step: one collective
                     self.metrics.report_first_batch(first.at, self.loader_built, self.process_started, self.rank,
-                                             self.resumed)
+                                                    self.resumed, data_s=self.loader_build_s + first.at - first.asked)
                 self.step, self.samples = self.step + 1, self.samples + self.schedule.effective_batch
                 self.metrics.step(self.step, result, lr, self.engine)  # metrics.jsonl / TensorBoard every log_every
                 self._log_keys(result)
@@ -242,15 +243,18 @@ class Trainer:
 
 
 class _FirstArrival:
-    """The device batches, noting when the first one was ready on the device (wall clock)."""
+    """The device batches, noting when the first one was asked for (the loader's workers start
+    then) and when it was ready on the device (wall clock)."""
 
     def __init__(self, batches, device: torch.device):
-        self.batches, self.device, self.at, self.reported = batches, device, None, False
+        self.batches, self.device, self.asked, self.at, self.reported = batches, device, None, None, False
 
     def __iter__(self):
         return self
 
     def __next__(self):
+        if self.asked is None:
+            self.asked = time.time()
         out = next(self.batches)
         if self.at is None:
             if self.device.type == "cuda":  # its copy may still run on the side stream

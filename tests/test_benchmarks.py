@@ -49,3 +49,11 @@ def test_manifest_scale_smoke(tmp_path):
 def test_crop_decode_smoke(tmp_path):
     run("benchmarks/crop_decode.py", "--images", "8", "--rounds", "1", "--json", str(tmp_path / "c.json"))
     assert (tmp_path / "c.json").stat().st_size > 0
+
+
+def test_first_batch_smoke(tmp_path):
+    run("benchmarks/first_batch.py", "--repeats", "1", "--images", "64", "--json", str(tmp_path / "f.json"))
+    res = json.loads((tmp_path / "f.json").read_text())
+    assert res["runs"]["cold"][0]["data"]["slowest"] > 0 and len(res["runs"]["resume"][0]["process"]["ranks"]) == 2
+    cached, uncached = res["traffic"]["shard cache, one per node"], res["traffic"]["no cache"]
+    assert cached["bytes_per_dataset"] <= 1.05 and uncached["bytes_per_dataset"] >= 3.0, res["traffic"]

@@ -199,20 +199,27 @@ class RunMetrics:
                                 f"of an epoch ({self.samples_per_epoch} samples); "
                                 "run `crossmae-prep verify` on the shards")
 
-    def report_first_batch(self, at: float, loader_built: float, process_started: float, rank: int, resumed: bool) -> None:
-        """Time to first batch on the device, from process start and from loader construction, on
-        every rank (ONE collective: each rank fills its own slots); rank 0 says the slowest."""
-        mine = [0.0] * (2 * self.world)
-        mine[2 * rank], mine[2 * rank + 1] = at - process_started, at - loader_built
+    def report_first_batch(self, at: float, loader_built: float, process_started: float, rank: int, resumed: bool,
+                           data_s: float) -> None:
+        """Time to first batch on the device, on every rank (ONE collective: each rank fills its own
+        slots); rank 0 says the slowest rank's. Three spans: from process start (imports, joining
+        the job, everything), from loader construction (that plus the DeepSpeed engine, a resume's
+        checkpoint load and the run files), and ``data_s``, the loader's own part (building it:
+        the manifest; then the wait for the first batch: workers, plan, shard reads, decode)."""
+        mine = [0.0] * (3 * self.world)
+        mine[3 * rank:3 * rank + 3] = at - process_started, at - loader_built, data_s
         every = distributed.all_reduce_values(mine)
-        slowest = max(range(self.world), key=lambda r: every[2 * r])
-        total, from_loader = every[2 * slowest], every[2 * slowest + 1]
+        total, from_loader, data = (every[k::3] for k in range(3))
+        slowest = max(range(self.world), key=lambda r: total[r])
         start = "resume" if resumed else "cold start"
-        self.first_batch = dict(first_batch_s=round(total, 3), first_batch_loader_s=round(from_loader, 3),
-                                first_batch_slowest_rank=slowest, first_batch_start=start,
-                                first_batch_rank_s=[round(every[2 * r], 3) for r in range(self.world)])
-        self.first_batch["first_batch_summary"] = (f"first batch after {total:.2f} s (loader {from_loader:.2f} s), "
-                                                   f"slowest rank {slowest}, {start}")
+        self.first_batch = dict(first_batch_s=round(total[slowest], 3),
+                                first_batch_loader_s=round(from_loader[slowest], 3),
+                                first_batch_data_s=round(data[slowest], 3), first_batch_slowest_rank=slowest,
+                                first_batch_start=start, first_batch_rank_s=[round(t, 3) for t in total],
+                                first_batch_loader_rank_s=[round(t, 3) for t in from_loader],
+                                first_batch_data_rank_s=[round(t, 3) for t in data])
+        self.first_batch["first_batch_summary"] = (f"first batch after {total[slowest]:.2f} s (loader "
+                                                   f"{from_loader[slowest]:.2f} s), slowest rank {slowest}, {start}")
         self.obs.message(f"crossmae-pretrain: {self.first_batch['first_batch_summary']}")
 
     def _traffic(self) -> list[float]:

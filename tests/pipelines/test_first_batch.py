@@ -23,6 +23,11 @@ def test_time_to_first_batch_and_store_traffic_are_reported_cold_and_on_resume(m
         first, later = recs[max_steps - 2], recs[max_steps - 1]  # this run's two log lines
         assert first["first_batch_start"] == start and first["first_batch_slowest_rank"] == slowest
         assert first["first_batch_s"] == max(first["first_batch_rank_s"]) == pytest.approx(total, abs=0.006)
+        for r in range(2):  # every rank: process start > loader construction > the loader's own part
+            span, loader_span, data = (first[k][r] for k in ("first_batch_rank_s", "first_batch_loader_rank_s",
+                                                            "first_batch_data_rank_s"))
+            assert span > loader_span > data > 0, first
+        assert first["first_batch_data_s"] == first["first_batch_data_rank_s"][slowest]
         assert "first_batch_s" not in later, "only the run's first log line carries it"
         for r in (first, later):  # local shards: no object-store traffic
             assert (r["store_gets"], r["store_bytes"], r["store_retries"], r["shard_rereads"]) == (0, 0, 0, 0)
