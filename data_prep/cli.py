@@ -4,6 +4,7 @@
     crossmae-prep folder /data/flowers ./flowers-wds --split train --shard-samples 5000
     crossmae-prep finalize s3://bucket/imagenet-wds --splits train     (after all array workers)
     crossmae-prep verify s3://bucket/imagenet-wds          (every split found; --splits: these, each must exist)
+    crossmae-prep loader-stats s3://bucket/imagenet-wds/train/manifest.json --world 64 --ranks-per-node 8 --batch 256
 
 Options are checked before anything is read or written (one stderr line, exit 2): sizes and
 counts > 0, qualities 1..100, split names plain (no paths), the destination outside the source.
@@ -136,6 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("dst", help="the destination the shards were written to")
         p.add_argument("--splits", type=_split_list, default=None,
                        help=f"comma-separated; each must exist (default: {splits} under DST)")
+    p = sub.add_parser("loader-stats", help="what a run will read from the store and how its batches mix shards "
+                                            "(pipelines/data/read_plan.py), before the run")
+    p.add_argument("manifest", help="a WebDataset manifest.json (local, file:// or s3://)")
+    for flag, default, what in (("--world", 1, "ranks (default 1)"), ("--workers", 8, "loader workers per rank "
+                                "(data.num_workers; default 8)"), ("--batch", 64, "deepspeed.micro_batch (default 64)"),
+                                ("--block-size", 512, "data.block_size (default 512)"),
+                                ("--ranks-per-node", None, "ranks sharing one node's shard cache (default: --world)"),
+                                ("--epochs", 3, "epochs the cache row spans (default 3)"),
+                                ("--seed", 0, "run.seed (default 0)")):
+        p.add_argument(flag, type=_int_in(0 if flag == "--seed" else 1), default=default, help=what)
     return ap
 
 
@@ -264,6 +275,36 @@ def _verify(args) -> dict:
     return dict(splits=sorted(out, key=lambda r: r["split"]), ok=all(r["ok"] for r in out))
 
 
+def _loader_stats(args) -> dict:
+    """A manifest's expectations for one run shape, as lines on stderr (and the JSON on stdout)."""
+    from pipelines.data.read_plan import expected_reads
+    from pipelines.data.shard_cache import ShardList
+
+    if not args.manifest.endswith(".json"):
+        raise UsageError(f"{args.manifest}: not a manifest (loader-stats reads a crossmae-prep manifest.json)")
+    shards = ShardList.from_manifest(args.manifest)
+    try:
+        r = expected_reads(shards, args.world, args.workers, args.batch, args.block_size, args.ranks_per_node,
+                           args.epochs, args.seed)
+    except ValueError as e:  # a batch larger than a rank's share
+        raise UsageError(str(e)) from None
+    gib, size = 2 ** 30, r["dataset_bytes"]
+    none, cache, mix = r["no_cache"], r["cache"], r["shards_per_batch"]
+    for line in (
+            f"{args.manifest}: {r['shards']} shards, {r['samples']} samples, "
+            + (f"{size / gib:.2f} GiB" if size is not None else "shard bytes unknown (the ratios count samples)"),
+            f"run: {r['world']} rank(s), {r['workers']} worker(s) each, batch {r['batch']}, block {r['block_size']} "
+            f"samples ({r['block_shards']} shards' worth); {r['nodes']} node(s) of {r['ranks_per_node']} rank(s)",
+            f"store reads per epoch, no shard cache: {none['gets_per_epoch']} GETs, "
+            f"{none['bytes_per_dataset_per_epoch']:.3f}x the dataset (all nodes)",
+            f"store reads with a shard cache that holds the data: {cache['gets_per_node']} GETs, "
+            f"{cache['bytes_per_dataset_per_node']:.3f}x the dataset per node over {r['epochs']} epoch(s) (never over 1x)",
+            f"shuffle: {mix['mean']:.2f} shards per batch on rank 0 (min {mix['min']}, max {mix['max']}); "
+            f"a batch is a run of the epoch order, whose blocks of {r['block_size']} samples are each shuffled"):
+        print(f"crossmae-prep: loader-stats: {line}", file=sys.stderr)
+    return r
+
+
 def _finalize(args) -> dict:
     splits = args.splits
     if splits is None:
@@ -282,6 +323,8 @@ def run(argv: list[str] | None = None) -> dict:
         parser.error(problem)
     if args.command == "verify":  # reads only: no lock
         return _verify(args)
+    if args.command == "loader-stats":
+        return _loader_stats(args)
     writes = args.command in ("imagenet", "folder")
     lock = DestinationLock(args.dst, "write" if writes else "finalize", args.splits,
                            getattr(args, "num_workers", 1), getattr(args, "worker_index", 0), args.command)

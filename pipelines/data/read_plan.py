@@ -1,0 +1,87 @@
+"""What the streaming loader will read from the store, before a run: the read rule of
+pipelines/data/loader.py applied to a manifest's shard list, by the same EpochOrder / Partition
+(pure arithmetic, no shard is opened). Shown by ``crossmae-prep loader-stats``.
+
+The rule: each reader (one DataLoader worker of one rank) reads one contiguous stretch of the
+epoch order G, which is a run of whole blocks plus a part of a block at each end; it streams each
+shard those samples fall in forward once, from the shard's start to the last sample it needs.
+Without a cache that is one GET per reader and touched shard, and the bytes up to that sample
+(estimated as the shard's bytes x the share of its samples read, samples taken as equal in size).
+With a shard cache that holds the data, a node (``ranks_per_node`` consecutive ranks sharing one
+cache directory) GETs each shard its readers touch once, whole, over the whole run."""
+from __future__ import annotations
+
+import numpy as np
+
+from pipelines.data.epoch_order import EpochOrder, Partition
+from pipelines.data.shard_cache import ShardList
+
+
+def _reader_touch(order: EpochOrder, a: int, b: int) -> dict[int, int]:
+    """{manifest shard index: last sample index read} for one reader's stretch [a, b) of G."""
+    bs, starts = order.block_size, np.asarray(order._starts)
+    ranges, edges = [], []  # stream positions: the blocks inside [a, b) whole, the edge blocks' permuted parts
+    for blk in range(a // bs, -(-b // bs)):
+        lo, hi = max(a, blk * bs), min(b, (blk + 1) * bs)
+        if lo == blk * bs and hi == min((blk + 1) * bs, order.num_samples):
+            ranges.append((lo, hi))
+        else:
+            edges.append(blk * bs + order.block_permutation(blk)[lo - blk * bs:hi - blk * bs])
+    last: dict[int, int] = {}
+
+    def note(k: int, index: int) -> None:
+        shard = order.shard_order[k]
+        last[shard] = max(last.get(shard, -1), index)
+
+    for lo, hi in ranges:
+        k0, k1 = (int(np.searchsorted(starts, v, "right")) - 1 for v in (lo, hi - 1))
+        for k in range(k0, k1 + 1):
+            note(k, min(hi, int(starts[k + 1])) - 1 - int(starts[k]))
+    if edges:
+        s = np.concatenate(edges)
+        ks = np.searchsorted(starts, s, "right") - 1
+        for k in np.unique(ks):
+            note(int(k), int((s[ks == k] - starts[k]).max()))
+    return last
+
+
+def expected_reads(shards: ShardList, world: int, workers: int, batch: int, block_size: int = 512,
+                   ranks_per_node: int | None = None, epochs: int = 3, seed: int = 0) -> dict:
+    """Expected store reads per epoch (no cache) and per node over ``epochs`` (with a cache that
+    holds the data), and the shuffle's shape: shards per batch on rank 0 and the block in shards."""
+    n, readers, per_node = sum(shards.counts), max(1, workers), ranks_per_node or world
+    sizes = np.asarray(shards.sizes if shards.dataset_bytes is not None else shards.counts, dtype=np.float64)
+    counts = np.maximum(np.asarray(shards.counts, dtype=np.float64), 1)
+    part = Partition(((0, n),), world, readers, batch, True)
+    if part.batches_per_rank == 0:
+        raise ValueError(f"an epoch gives no batch: {n} samples over {world} rank(s) are fewer than one batch of "
+                         f"{batch} per rank")
+    gets = nbytes = 0.0
+    node_shards: list[set[int]] = [set() for _ in range(-(-world // per_node))]
+    per_batch = []
+    for epoch in range(epochs):
+        order = EpochOrder(shards.counts, seed, epoch, block_size)
+        for rank in range(world):
+            for worker in range(readers):
+                runs = [iv for batch_ivs in part.worker_batches(rank, worker) for iv in batch_ivs]
+                if not runs:
+                    continue
+                last = _reader_touch(order, min(a for a, _ in runs), max(b for _, b in runs))
+                node_shards[rank // per_node].update(last)
+                if epoch == 0:
+                    gets += len(last)
+                    nbytes += sum(sizes[k] * (i + 1) / counts[k] for k, i in last.items())
+                    if rank == 0:
+                        per_batch += [len({order.sample(g)[0] for a, b in ivs for g in range(a, b)})
+                                      for ivs in part.worker_batches(0, worker)]
+    dataset = float(sizes.sum())
+    node_bytes = [sum(sizes[k] for k in s) for s in node_shards]
+    return dict(
+        shards=len(shards.urls), samples=n, dataset_bytes=shards.dataset_bytes, world=world, workers=readers,
+        batch=batch, block_size=block_size, ranks_per_node=per_node, nodes=len(node_shards), epochs=epochs,
+        no_cache=dict(gets_per_epoch=int(gets), bytes_per_epoch=int(nbytes) if shards.dataset_bytes else None,
+                      bytes_per_dataset_per_epoch=round(nbytes / dataset, 3)),
+        cache=dict(gets_per_node=max(len(s) for s in node_shards),
+                   bytes_per_dataset_per_node=round(max(node_bytes) / dataset, 3)),
+        shards_per_batch=dict(mean=round(float(np.mean(per_batch)), 2), min=min(per_batch), max=max(per_batch)),
+        block_shards=round(block_size / (n / len(shards.urls)), 2))
