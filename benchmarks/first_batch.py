@@ -14,7 +14,8 @@ shard cache (a fresh node; the loader reads only the samples not yet seen). Thre
 slowest rank's reported (every rank's in the JSON):
   process   from process start (/proc starttime): Python, torch and DeepSpeed imports, joining the
             job, the run lock, the loader, the DeepSpeed engine, a resume's checkpoint load
-  loader    from loader construction: all of the above after the imports and the join
+  loader    from loader construction: all of the above after the imports, the join and the run lock
+            (process - loader: those three, the first part of every rank's start)
   data      the loader's own part: build_loader (manifest read and parse) plus the wait for the
             first batch (workers start, epoch plan, shard GETs, decode, collate); the target's span
 Targets: data span of a cold first batch <= 5 s; resume within 1.2x of cold (same span).
@@ -110,13 +111,14 @@ def main() -> None:
         runs = {"cold": [], "resume": []}
         for k in range(args.repeats):
             out = work / f"run{k}"
-            cache = lambda name: (f"data.shard_cache_dir={work / f'cache{k}-{name}'}",  # noqa: E731 - a fresh node
-                                  "data.shard_cache_bytes=1073741824")
-            print(f"repeat {k + 1}/{args.repeats}: cold, then resume at step {mid} of {steps_per_epoch}", file=sys.stderr)
+            fresh = {name: (f"data.shard_cache_dir={work / f'cache{k}-{name}'}", "data.shard_cache_bytes=1073741824")
+                     for name in ("cold", "resume")}  # each run an empty cache: a fresh node
+            print(f"repeat {k + 1}/{args.repeats}: cold, then resume at step {mid} of {steps_per_epoch}",
+                  file=sys.stderr)
             cold = pretrain(args.ranks, env, out, f"data.train={train}", f"run.max_steps={mid}",
-                            f"run.save_every={mid}", *cache("cold"))
+                            f"run.save_every={mid}", *fresh["cold"])
             resumed = pretrain(args.ranks, env, out, f"data.train={train}", f"run.max_steps={mid + 2}",
-                               f"run.save_every={mid}", *cache("resume"))
+                               f"run.save_every={mid}", *fresh["resume"])
             assert cold[0]["first_batch_start"] == "cold start" and resumed[0]["first_batch_start"] == "resume"
             runs["cold"].append(spans(cold[0]))
             runs["resume"].append(spans(resumed[0]))
@@ -144,6 +146,8 @@ def main() -> None:
     print("| span | cold | resume | resume / cold |\n|---|---|---|---|")
     for s in SPANS:
         print(f"| {s} | {median['cold'][s]:.2f} | {median['resume'][s]:.2f} | {ratio[s]:.2f} |")
+    before = {kind: median[kind]["process"] - median[kind]["loader"] for kind in median}
+    print(f"| process - loader: imports, joining the job, run lock | {before['cold']:.2f} | {before['resume']:.2f} | |")
     print("\n| 3 epochs | GETs | MiB | bytes / dataset | retries | shard re-reads |\n|---|---|---|---|---|---|")
     for name, t in traffic.items():
         print(f"| {name} | {t['gets']} | {t['bytes'] / 2**20:.2f} | {t['bytes_per_dataset']:.3f} | {t['retries']} | "

@@ -298,7 +298,8 @@ def _loader_stats(args) -> dict:
             f"store reads per epoch, no shard cache: {none['gets_per_epoch']} GETs, "
             f"{none['bytes_per_dataset_per_epoch']:.3f}x the dataset (all nodes)",
             f"store reads with a shard cache that holds the data: {cache['gets_per_node']} GETs, "
-            f"{cache['bytes_per_dataset_per_node']:.3f}x the dataset per node over {r['epochs']} epoch(s) (never over 1x)",
+            f"{cache['bytes_per_dataset_per_node']:.3f}x the dataset per node over {r['epochs']} epoch(s) "
+            "(never over 1x)",
             f"shuffle: {mix['mean']:.2f} shards per batch on rank 0 (min {mix['min']}, max {mix['max']}); "
             f"a batch is a run of the epoch order, whose blocks of {r['block_size']} samples are each shuffled"):
         print(f"crossmae-prep: loader-stats: {line}", file=sys.stderr)

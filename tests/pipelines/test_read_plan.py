@@ -51,7 +51,8 @@ def read_epochs(manifest, rank, epochs, cache_dir=None):
 def test_loader_stats_prints_what_a_run_will_read_and_the_loader_reads_it(local_manifest, remote, tmp_path, capsys):
     r, lines = stats(capsys, local_manifest, "--epochs", "3", "--ranks-per-node", "1")
     m = json.loads(local_manifest.read_text())
-    assert (r["shards"], r["samples"], r["dataset_bytes"]) == (m["num_shards"], 96, sum(s["bytes"] for s in m["shards"]))
+    dataset = sum(s["bytes"] for s in m["shards"])
+    assert (r["shards"], r["samples"], r["dataset_bytes"]) == (m["num_shards"], 96, dataset)
     assert len(lines) == 5 and f"{m['num_shards']} shards, 96 samples" in lines[0]
     assert f"no shard cache: {r['no_cache']['gets_per_epoch']} GETs" in lines[2] and "shards per batch" in lines[4]
 
