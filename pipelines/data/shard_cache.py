@@ -124,10 +124,10 @@ class ShardReader:
 
 
 class ShardCache:
-    """Locks, one file per shard under ``<directory>/.locks/`` (flock; they stay: removing a lock file
+    """Locks, two files per shard under ``<directory>/.locks/`` (flock; they stay: removing a lock file
     another process has open would split the lock): a reader holds its shard's lock shared while
-    the shard is open, a fetch holds it exclusive, and eviction takes it exclusive without waiting,
-    skipping the shard when it cannot. So each shard is fetched once per node (readers that miss
+    the shard is open, a fetch holds the shard's fetch lock exclusive, and eviction takes the
+    shard's lock exclusive without waiting, skipping the shard when it cannot. So each shard is fetched once per node (readers that miss
     the same shard at once wait for the first one's copy), and no shard is deleted while a worker
     or rank reads it: the cache can run over its limit by the shards open at once (one per reader)."""
 
@@ -153,15 +153,18 @@ class ShardCache:
         path = self.path_for(url)
         lock = self._lock(path)
         try:
-            fcntl.flock(lock, fcntl.LOCK_SH)  # waits while another process fetches or evicts it
+            fcntl.flock(lock, fcntl.LOCK_SH)  # held while open; waits only while an eviction deletes it
             if not self._mark_used(path):
-                fcntl.flock(lock, fcntl.LOCK_EX)  # not atomic (the shared lock goes first): look again
-                if not self._mark_used(path):
-                    self.fetched = True
-                    with storage.open_read(url) as src, storage.open_write(path) as dst:
-                        while chunk := src.read(8 << 20):
-                            dst.write(chunk)
-                fcntl.flock(lock, fcntl.LOCK_SH)  # the other readers of this shard go on
+                # The fetch has a lock of its own: readers that miss the same shard wait for its copy,
+                # not for every other reader's whole read, as a shared -> exclusive upgrade of the
+                # shard's lock would (flock's upgrade waits for all the shared holders to close).
+                with open(os.path.join(self.locks, os.path.basename(path) + ".fetch"), "ab") as fetch:
+                    fcntl.flock(fetch, fcntl.LOCK_EX)
+                    if not self._mark_used(path):
+                        self.fetched = True
+                        with storage.open_read(url) as src, storage.open_write(path) as dst:
+                            while chunk := src.read(8 << 20):
+                                dst.write(chunk)
             file = _Locked(path, lock)
         except BaseException:
             lock.close()
