@@ -4,9 +4,13 @@ produces byte-identical shards. The shard streams through the storage layer's at
 writer while its sha256 is computed."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import os
+import queue
 import tarfile
+import threading
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
@@ -18,22 +22,79 @@ from .images import Checked, check_image
 TAR_MTIME = 946684800  # 2000-01-01: any fixed value; real mtimes would make re-runs differ
 
 
-class _HashingWriter(io.RawIOBase):
+class _HashingWriter:
+    """Hash and write in a second thread while the caller reads and checks the next images.
+
+    hashlib and file writes release the GIL, so the sha256 (0.11 s per 150 MB) and the write
+    run beside the reading. A local shard is also pushed to disk as it grows: a third thread
+    calls fdatasync every FLUSH_BYTES, so the final fsync before the rename (which still
+    runs, and still precedes the part record) waits only for the last few MB.
+    """
+
+    FLUSH_BYTES = 16 << 20
+    QUEUE_ITEMS = 64  # ~5 MB of samples in flight at 75 KB each
+
     def __init__(self, sink):
         self.sink, self.sha, self.bytes = sink, hashlib.sha256(), 0
+        # a local file: flush as we go. Not an S3 spool: its fileno() would move it to disk.
+        fd = sink.fileno() if isinstance(sink, io.BufferedWriter) else None
+        self._queue, self._flushes, self._error = queue.Queue(self.QUEUE_ITEMS), queue.Queue(1), None
+        self._threads = [threading.Thread(target=self._write_all, name="shard-writer", daemon=True)]
+        if fd is not None:
+            self._threads.append(threading.Thread(target=self._flush_all, args=(fd,), name="shard-flush", daemon=True))
+        for t in self._threads:
+            t.start()
 
-    def writable(self):
-        return True
+    def _write_all(self):
+        unflushed = 0
+        while (pieces := self._queue.get()) is not None:
+            if self._error is not None:
+                continue  # drain until the caller sees the error
+            try:
+                for b in pieces:
+                    self.sha.update(b)
+                    self.sink.write(b)
+                    unflushed += len(b)
+                if unflushed >= self.FLUSH_BYTES and len(self._threads) > 1:
+                    self.sink.flush()
+                    with contextlib.suppress(queue.Full):  # one flush pending is enough
+                        self._flushes.put_nowait(True)
+                    unflushed = 0
+            except BaseException as e:  # ENOSPC, EIO: raised in the caller's thread
+                self._error = e
+        if len(self._threads) > 1:
+            self._flushes.put(None)
 
-    def write(self, b):
-        self.sha.update(b)
-        self.bytes += len(b)
-        self.sink.write(b)
-        return len(b)
+    def _flush_all(self, fd: int):
+        while self._flushes.get() is not None:
+            try:
+                os.fdatasync(fd)
+            except OSError as e:
+                self._error = self._error or e
+
+    def write(self, *pieces: bytes) -> None:
+        if self._error is not None:
+            self.close()
+        self._queue.put(pieces)
+        self.bytes += sum(map(len, pieces))
+
+    def close(self) -> None:
+        """Wait until every byte is written and hashed; raise the writer's error, if any."""
+        if self._threads[0].is_alive():
+            self._queue.put(None)
+        for t in self._threads:
+            t.join()
+        if self._error is not None:
+            raise self._error
 
 
 def tar_member(name: str, data: bytes) -> bytes:
-    """One ustar member (header + data + padding) with fixed mtime, owner and mode.
+    """One ustar member (header + data + padding), as one bytes object."""
+    return tar_header(name, len(data)) + data + b"\0" * (-len(data) % 512)
+
+
+def tar_header(name: str, size: int) -> bytes:
+    """The 512-byte header of one ustar member with fixed mtime, owner and mode.
 
     Packed by hand rather than through tarfile.addfile: tarfile deep-copies the TarInfo and
     writes in small pieces; this halves the per-sample cost of sharding (2,000 JPEGs of 75 KB:
@@ -43,20 +104,20 @@ def tar_member(name: str, data: bytes) -> bytes:
     encoded = name.encode()
     if len(encoded) > 100:
         ti = tarfile.TarInfo(name)
-        ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = len(data), TAR_MTIME, 0o444, 0, 0, "", ""
+        ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = size, TAR_MTIME, 0o444, 0, 0, "", ""
         header = ti.tobuf(tarfile.GNU_FORMAT)
     else:
         header = bytearray(512)
         header[0:len(encoded)] = encoded
         header[100:108] = b"0000444\0"
         header[108:116] = header[116:124] = b"0000000\0"
-        header[124:136] = b"%011o\0" % len(data)
+        header[124:136] = b"%011o\0" % size
         header[136:148] = b"%011o\0" % TAR_MTIME
         header[148:156] = b" " * 8
         header[156:157] = b"0"
         header[257:265] = b"ustar\x0000"
         header[148:156] = b"%06o\0 " % sum(header)
-    return bytes(header) + data + b"\0" * (-len(data) % 512)
+    return bytes(header)
 
 
 @dataclass(frozen=True)
@@ -72,23 +133,27 @@ def write_shard(url: str, items: list, read: Callable, opts: ImageOptions, progr
     status, rejects, converted, count, resized = Counter(), [], [], 0, 0
     with storage.open_write(url) as sink:
         out = _HashingWriter(sink)
-        for item in items:
-            try:
-                checked = check_image(read(item), opts.validate, opts.max_size, opts.quality)
-            except OSError as e:
-                checked = Checked(None, "rejected", f"unreadable: {e}")
-            status[checked.status] += 1
-            resized += checked.resized
-            if checked.status == "rejected":
-                rejects.append(dict(key=item.key, path=item.location, reason=checked.reason))
-            elif checked.status == "converted":
-                converted.append(dict(key=item.key, path=item.location, reason=checked.reason))
-            if checked.data is not None:
-                out.write(tar_member(f"{item.key}.jpg", checked.data) + tar_member(f"{item.key}.cls",
-                                                                                   str(item.label).encode()))
-                count += 1
-            if progress:
-                progress(1)
-        out.write(b"\0" * 1024)  # end of archive: two zero blocks
+        try:
+            for item in items:
+                try:
+                    checked = check_image(read(item), opts.validate, opts.max_size, opts.quality)
+                except OSError as e:
+                    checked = Checked(None, "rejected", f"unreadable: {e}")
+                status[checked.status] += 1
+                resized += checked.resized
+                if checked.status == "rejected":
+                    rejects.append(dict(key=item.key, path=item.location, reason=checked.reason))
+                elif checked.status == "converted":
+                    converted.append(dict(key=item.key, path=item.location, reason=checked.reason))
+                if checked.data is not None:
+                    data = checked.data  # written in pieces: no copy of the JPEG bytes
+                    out.write(tar_header(f"{item.key}.jpg", len(data)), data, b"\0" * (-len(data) % 512),
+                              tar_member(f"{item.key}.cls", str(item.label).encode()))
+                    count += 1
+                if progress:
+                    progress(1)
+            out.write(b"\0" * 1024)  # end of archive: two zero blocks
+        finally:
+            out.close()  # every byte written (or the writer's error raised) before the shard is made durable
     return dict(num_samples=count, bytes=out.bytes, sha256=out.sha.hexdigest(), status=dict(status),
                 rejects=rejects, converted=converted, num_resized=resized)
