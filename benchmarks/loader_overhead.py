@@ -7,7 +7,8 @@
 (M) mae_train alone on the same bytes and seeds, in memory: decode + resize + flip
 (N) the loader with a transform that returns a ready tensor: everything but decode + resize
 and the parts of (N), each alone:
-(r) shard reading: webdataset's tar_file_iterator + group_by_keys via ShardReader (as the loader)
+(r) shard reading: ShardReader (pipelines/data/tar_reader.py, as the loader)
+(rw) the same tars through webdataset's tar_file_iterator + group_by_keys (the reader before issue 21)
 (r0) the same tars through a minimal 512-byte-header reader (no per-member dicts): the floor
 (g) one np.random.default_rng([seed, epoch, g]) per sample + sample_box_flip
 (g1) one generator per batch of 64, the same draws from it
@@ -113,6 +114,13 @@ def main():
                     by_key[sample["__key__"]] = sample["jpg"]
                 cursor.close()
 
+        def read_webdataset():
+            from webdataset.tariterators import group_by_keys, tar_file_iterator
+            for url in shards.urls:
+                with open(url, "rb") as f:
+                    for _ in group_by_keys(dict(m, __url__=url) for m in tar_file_iterator(f)):
+                        pass
+
         def read_plain():
             for url in shards.urls:
                 for _ in plain_tar_members(url):
@@ -127,7 +135,8 @@ def main():
                 lambda: [np.random.default_rng([0, 0, i]) for i in range(n)],
                 lambda gens: [mae_train(d, g) for d, g in zip(loader_bytes, gens)]),
             "(N) loader, transform returns a ready tensor": loader(ReadyTensor()),
-            "(r) shard reading (webdataset tar iterator + key grouping)": read_shards,
+            "(r) shard reading (ShardReader, tar_reader.py)": read_shards,
+            "(rw) the same tars, webdataset's iterators": read_webdataset,
             "(r0) the same tars, minimal header reader": read_plain,
             "(g) one generator per sample + box and flip":
                 lambda: [sample_box_flip(375, 500, np.random.default_rng([0, 0, i])) for i in range(n)],
@@ -149,7 +158,7 @@ def main():
     for k, v in us.items():
         print(f"| {k} | {v:,.1f} |")
     overhead = us["(L) loader end to end, CPU resize"] - us["(M) mae_train alone (decode + resize + flip)"]
-    parts = ["(r) shard reading (webdataset tar iterator + key grouping)", "(g) one generator per sample + box and flip",
+    parts = ["(r) shard reading (ShardReader, tar_reader.py)", "(g) one generator per sample + box and flip",
              "(c) collate_samples (stack 64 into the batch buffer)"]
     cold_g = us["(g') (g), each right after a JPEG decode"] - us["(d) the JPEG decodes of (g') alone"]
     print(f"\noverhead beyond decode + resize, (L) - (M): {overhead:.0f} us/img; with no decode at all, (N): "

@@ -18,10 +18,10 @@ import tarfile
 from dataclasses import dataclass
 
 from braceexpand import braceexpand
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from pipelines import storage
 from pipelines.data.shard_names import shard_url
+from pipelines.data.tar_reader import tar_samples
 
 
 def is_remote(url: str) -> bool:
@@ -68,7 +68,7 @@ class ShardList:
         counts = []
         for url in urls:
             with storage.open_read(url) as f:
-                counts.append(sum(1 for _ in group_by_keys(dict(m, __url__=url) for m in tar_file_iterator(f))))
+                counts.append(sum(1 for _ in tar_samples(f, url)))
         return cls(urls, tuple(counts))
 
     @classmethod
@@ -92,7 +92,7 @@ class ShardReader:
         from_store = self.cache.fetched if self.cache else is_remote(url)
         if from_store:
             self.store_reads.append(shard)
-        self.samples = group_by_keys(dict(f, __url__=url) for f in tar_file_iterator(self.file))
+        self.samples = tar_samples(self.file, url)
         self.shard, self.next_index, self.damage = shard, 0, ""
 
     def get(self, shard: int, index: int) -> dict | None:
