@@ -57,3 +57,15 @@ def test_first_batch_smoke(tmp_path):
     assert res["runs"]["cold"][0]["data"]["slowest"] > 0 and len(res["runs"]["resume"][0]["process"]["ranks"]) == 2
     cached, uncached = res["traffic"]["shard cache, one per node"], res["traffic"]["no cache"]
     assert cached["bytes_per_dataset"] <= 1.05 and uncached["bytes_per_dataset"] >= 3.0, res["traffic"]
+
+
+def test_loader_benchmark_issue21_rows_smoke(tmp_path):
+    """benchmarks/loader.py --only/--workers: the issue 21 rows (decode only, the loader, 1 and 2 workers)."""
+    proc = run("benchmarks/loader.py", "--images", "128", "--rounds", "1", "--only", "f,b,b'", "--workers", "2",
+               "--json", str(tmp_path / "l.json"))
+    rates = json.loads((tmp_path / "l.json").read_text())["img_per_s"]
+    assert set(rates) == {"(f) decode only (simplejpeg)", "(b) this loader, local shards",
+                          "(b') this loader, local, resize on device", "(w1) (b) through 1 worker process",
+                          "(w2) (b) through 2 worker processes"}
+    assert all(v > 0 for v in rates.values())
+    assert "(b) vs (f) decode only" in proc.stdout and "(w2) / (2 x (w1))" in proc.stdout
