@@ -12,6 +12,7 @@ and the parts of (N), each alone:
 (r0) the same tars through a minimal 512-byte-header reader (no per-member dicts): the floor
 (g) one np.random.default_rng([seed, epoch, g]) per sample + sample_box_flip
 (g1) one generator per batch of 64, the same draws from it
+(g2) one Philox re-keyed per sample (pipelines/data/sample_rng.py, as the loader) + sample_box_flip
 (c) collate_samples: 64 (3, 224, 224) uint8 tensors stacked into the batch buffer
 (g') (g) again, each call right after a JPEG decode (cold caches, as in the loader)
 Rows are CPU time of this process (time.process_time; the machine is shared), best round.
@@ -36,6 +37,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.crop_decode import photo_jpegs  # noqa: E402
 from data_prep.cli import main as prep  # noqa: E402
+from pipelines.data.sample_rng import SampleRng  # noqa: E402
 from pipelines.data.shard_cache import ShardList, ShardReader  # noqa: E402
 from pipelines.data.transforms import MAETrainTransform, collate_samples, mae_train, sample_box_flip  # noqa: E402
 from pipelines.data.loader import StreamingLoader  # noqa: E402
@@ -143,6 +145,8 @@ def main():
             "(g1) one generator per batch, same draws":
                 lambda: [sample_box_flip(375, 500, g) for b in range(0, n, BATCH)
                          for g in [np.random.default_rng([0, 0, b])] for _ in range(min(BATCH, n - b))],
+            "(g2) one Philox re-keyed per sample (SampleRng) + box and flip":
+                lambda: [sample_box_flip(375, 500, rng(0, i)) for rng in [SampleRng(0)] for i in range(n)],
             "(c) collate_samples (stack 64 into the batch buffer)":
                 lambda: [collate_samples(tensors) for _ in range(0, n, BATCH)],
         }
@@ -158,13 +162,13 @@ def main():
     for k, v in us.items():
         print(f"| {k} | {v:,.1f} |")
     overhead = us["(L) loader end to end, CPU resize"] - us["(M) mae_train alone (decode + resize + flip)"]
-    parts = ["(r) shard reading (ShardReader, tar_reader.py)", "(g) one generator per sample + box and flip",
+    parts = ["(r) shard reading (ShardReader, tar_reader.py)", "(g2) one Philox re-keyed per sample (SampleRng) + box and flip",
              "(c) collate_samples (stack 64 into the batch buffer)"]
     cold_g = us["(g') (g), each right after a JPEG decode"] - us["(d) the JPEG decodes of (g') alone"]
     print(f"\noverhead beyond decode + resize, (L) - (M): {overhead:.0f} us/img; with no decode at all, (N): "
           f"{us['(N) loader, transform returns a ready tensor']:.0f}; of which shard reading, generators, collate: "
           + ", ".join(f"{us[p]:.0f}" for p in parts)
-          + f"; generators + box after a decode (cold caches): {cold_g:.0f} us vs {us[parts[1]]:.0f} alone")
+          + f"; generators + box after a decode (cold caches): {cold_g:.0f} us vs {us["(g) one generator per sample + box and flip"]:.0f} alone")
 
 
 if __name__ == "__main__":

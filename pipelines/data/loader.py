@@ -45,11 +45,11 @@ import weakref
 from collections import Counter
 from typing import NamedTuple
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipelines.data.epoch_order import EpochCursor, EpochOrder, Partition
+from pipelines.data.sample_rng import SampleRng
 from pipelines.storage import traffic
 from pipelines.data.shard_cache import ShardCache, ShardList, ShardReader
 from pipelines.data.transforms import collate_samples
@@ -83,6 +83,7 @@ class _EpochStream(IterableDataset):
         self.shards, self.rank, self.world_size, self.readers = shards, rank, world_size, readers
         self.batch_size, self.drop_last, self.epoch, self.remaining = batch_size, drop_last, epoch, remaining
         self.transform, self.seed, self.block_size, self.cache = transform, seed, block_size, cache
+        self.sample_rng = SampleRng(seed)  # boxes and flips keyed by (seed, epoch, position) alone
 
     def __iter__(self):
         info = get_worker_info()
@@ -134,7 +135,7 @@ class _EpochStream(IterableDataset):
                 continue
             try:
                 label = int(sample["cls"])
-                rng = np.random.default_rng([self.seed, epoch, g])
+                rng = self.sample_rng(epoch, g)
                 images[i] = self.transform(sample["jpg"], rng)
                 labels[i], keys[i] = label, sample["__key__"]
             except (KeyError, ValueError, TypeError, OSError) as e:  # DecodeError is a ValueError
