@@ -108,9 +108,9 @@ def tar_members(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
             elif kind == b"g":
                 global_pax.update(_pax(data[:size]))
             continue
-        name, prefix = _text(head[0:100]), _text(head[345:500])  # as tarfile: any format
-        if prefix:
-            name = prefix + "/" + name
+        name = _text(head[0:100])
+        if head[345]:  # the ustar name prefix, as tarfile reads it: in any format
+            name = _text(head[345:500]) + "/" + name
         fields = {**global_pax, **pax} if global_pax else pax
         name = fields.get("path", long_name if long_name is not None else name)
         if "size" in fields and (size := int(fields["size"])) < 0:
