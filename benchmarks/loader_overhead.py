@@ -4,6 +4,7 @@
     OMP_NUM_THREADS=1 python benchmarks/loader_overhead.py --images 1024 --rounds 3
 
 (L) the loader end to end, MAETrainTransform(224) (CPU resize)
+(L') the loader end to end, MAETrainTransform(224, resize="device"): its CPU side (crops, no resize)
 (M) mae_train alone on the same bytes and seeds, in memory: decode + resize + flip
 (N) the loader with a transform that returns a ready tensor: everything but decode + resize
 and the parts of (N), each alone:
@@ -133,6 +134,7 @@ def main():
         tensors = [torch.zeros(3, 224, 224, dtype=torch.uint8) for _ in range(BATCH)]
         rows = {
             "(L) loader end to end, CPU resize": loader(MAETrainTransform(224)),
+            "(L') loader end to end, resize on device (CPU side)": loader(MAETrainTransform(224, resize="device")),
             "(M) mae_train alone (decode + resize + flip)": (  # generators made untimed: they are overhead
                 lambda: [np.random.default_rng([0, 0, i]) for i in range(n)],
                 lambda gens: [mae_train(d, g) for d, g in zip(loader_bytes, gens)]),
@@ -164,11 +166,15 @@ def main():
     overhead = us["(L) loader end to end, CPU resize"] - us["(M) mae_train alone (decode + resize + flip)"]
     parts = ["(r) shard reading (ShardReader, tar_reader.py)", "(g2) one Philox re-keyed per sample (SampleRng) + box and flip",
              "(c) collate_samples (stack 64 into the batch buffer)"]
+    full, device = us["(d) the JPEG decodes of (g') alone"], us["(L') loader end to end, resize on device (CPU side)"]
+    print(f"\nissue 21, rate vs full decode only (d), CPU time: loader with CPU resize (L) "
+          f"{full / us['(L) loader end to end, CPU resize']:.2f}x (target >= 0.95x); resize on device (L') "
+          f"{full / device:.2f}x (target >= 1.30x)")
     cold_g = us["(g') (g), each right after a JPEG decode"] - us["(d) the JPEG decodes of (g') alone"]
     print(f"\noverhead beyond decode + resize, (L) - (M): {overhead:.0f} us/img; with no decode at all, (N): "
           f"{us['(N) loader, transform returns a ready tensor']:.0f}; of which shard reading, generators, collate: "
           + ", ".join(f"{us[p]:.0f}" for p in parts)
-          + f"; generators + box after a decode (cold caches): {cold_g:.0f} us vs {us["(g) one generator per sample + box and flip"]:.0f} alone")
+          + f"; generators + box after a decode (cold caches): {cold_g:.0f} us vs {us['(g) one generator per sample + box and flip']:.0f} alone")
 
 
 if __name__ == "__main__":
