@@ -1,5 +1,5 @@
-"""Fuzzing, bounded in time, of what reads untrusted bytes: the shard tar reader (webdataset's
-tar iterator through the loader's _ShardCursor), the manifest reader (ShardList.from_manifest)
+"""Fuzzing, bounded in time, of what reads untrusted bytes: the shard tar reader
+(pipelines/data/tar_reader.py through the loader's _ShardCursor), the manifest reader (ShardList.from_manifest)
 and the image decode path (decode_rgb, image_size, mae_train, eval_transform). Every input
 either works or raises one of the documented error types; none hangs or eats memory.
 
@@ -265,7 +265,8 @@ def test_fuzz_image_decode_path(worker, record_property):
 
 
 def test_fuzz_shard_tar_reader(worker, record_property):
-    """_ShardCursor (webdataset tar_file_iterator + group_by_keys) on generated and mutated shards."""
+    """_ShardCursor (pipelines/data/tar_reader.py: 512-byte headers, webdataset's key grouping) on generated
+    and mutated shards."""
     n = fuzz(worker, "tar", st.one_of(SHARDS, mutated([VALID_SHARD]), st.binary(max_size=2048)), 200)
     _record(record_property, "fuzzed shard tars (odd member names incl. ../ and /abs, mutated, random)", worker,
             "tar", n)
