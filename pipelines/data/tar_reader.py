@@ -2,9 +2,10 @@
 ``tar_file_iterator`` + ``group_by_keys`` give them, read straight from 512-byte headers.
 
 Written here rather than used from webdataset because it is measurably cheaper: reading the
-shards of 1,024 ImageNet-shaped JPEGs costs 140 us per sample through webdataset's iterators
-(tarfile's TarInfo objects, a dict per member, a regex per name) and ~20 us through this reader
-(`benchmarks/loader_overhead.py`, row (r), 2026-12-02).
+shards of 1,024 ImageNet-shaped JPEGs costs 145-232 us per sample through webdataset's iterators
+(tarfile's TarInfo objects, a dict per member, a regex per name) and 45-77 us through this reader,
+side by side in the same runs (`benchmarks/loader_overhead.py`, rows (rw) and (r), 2026-12-02,
+shared 2-core VM; a bare header walk, row (r0): 20-23 us).
 
 What it reads, as tarfile in stream mode does: ustar, GNU (``L`` long names, ``K`` long links)
 and pax (``x`` per member, ``g`` global) headers, the ustar name prefix, base-256 sizes.
