@@ -30,6 +30,7 @@ from datetime import timedelta
 # EX_TEMPFAIL (sysexits.h): the job may be retried; --resume auto continues from the newest checkpoint
 LOST_PEER_EXIT = 75
 _DONE = 10**15  # added to a rank's counter when it finishes cleanly: its peers stop watching it
+_LEARN_POLL_S = 0.05  # how often a rank looks for rank 0's identity until it has it (at most timeout_s)
 
 
 COLLECTIVE_TIMEOUT_S = 1800.0  # run.collective_timeout_s's default
@@ -210,6 +211,7 @@ class Watchdog:
         except Exception as e:  # noqa: BLE001 - a slow store at start: the threads retry
             self._say(f"watchdog: the store did not take this rank's first heartbeat ({type(e).__name__}: {e}); "
                       "retrying")
+        self._learn_rank_0(beat)
         check = _Connection(self.connect, self.op_timeout_s)
         for target, store, name in ((self._beat, beat, "heartbeat"), (self._check, check, "heartbeat-check")):
             t = threading.Thread(target=target, args=(store,), name=name, daemon=True)
@@ -235,6 +237,18 @@ class Watchdog:
             except Exception:  # noqa: BLE001 - slow or failed: the checker sees our own count stand still
                 pass
 
+    def _learn_rank_0(self, store: _Connection) -> bool:
+        """Rank 0's identity, read while the store answers: if rank 0 stops, the store in it goes
+        with it, and only what was read before can name it. True once known."""
+        if self.rank == 0 or 0 in self._infos:
+            return True
+        try:
+            if store("check", [self._info_key(0)]):
+                self._infos[0] = json.loads(store("get", self._info_key(0)))
+        except Exception:  # noqa: BLE001 - retried by the checker
+            pass
+        return 0 in self._infos
+
     def _check(self, store: _Connection) -> None:
         keys = [self._beat_key(r) for r in range(self.world)]
         started = time.monotonic()
@@ -244,6 +258,12 @@ class Watchdog:
         registered = [False] * self.world  # a peer's key exists (multi_get would wait for a missing one)
         while True:
             asleep = time.monotonic()
+            # until rank 0 is known, look for it often: a micro model can reach its first steps (and a
+            # SIGSTOP of rank 0, whose store then answers nothing) within the first interval
+            if not self._learn_rank_0(store) and time.monotonic() - started < self.timeout_s:
+                if self._stop.wait(min(self.interval_s, _LEARN_POLL_S)):
+                    return
+                continue
             if self._stop.wait(self.interval_s):
                 return
             now = time.monotonic()
@@ -258,8 +278,8 @@ class Watchdog:
                     registered = [True] * self.world
                 for r in waiting:
                     registered[r] = store("check", [keys[r]])
-                if registered[0] and 0 not in self._infos:  # names rank 0 if it (and the store in it) goes
-                    self._infos[0] = json.loads(store("get", self._info_key(0)))
+                if registered[0]:  # names rank 0 if it (and the store in it) goes
+                    self._learn_rank_0(store)
                 ready = [r for r in range(self.world) if registered[r]]
                 values = store("multi_get", [keys[r] for r in ready]) if ready else []
             except Exception:  # noqa: BLE001 - slow store: judged only when it answers nothing for long

@@ -177,6 +177,42 @@ def test_a_store_that_stops_answering_is_named_after_the_bound(store):
         relay.close()
 
 
+def test_a_store_that_stops_answering_right_after_the_start_still_names_rank_0(store):
+    """Rank 0 (and the store in it) stopped before rank 1's checker ran once (a micro model reaches step 3
+    within its first interval): rank 1 still names rank 0's host and pid, learnt when its watchdog started."""
+    relay = Relay(store.port)
+    try:
+        (d0, e0), (d1, e1) = dogs(relay.port)
+        relay.running.clear()
+        assert e1.event.wait(TIMEOUT + 4), "the silent store was not named"
+        assert d1.reported.startswith(f"crossmae-test: error: watchdog: the job's c10d store at 127.0.0.1:{relay.port} "
+                                      f"(served by rank 0 (host {socket.gethostname()}, pid {os.getpid()})) has not "
+                                      "answered for"), d1.reported
+        e0.event.wait(5)
+        for d, _ in ((d0, e0), (d1, e1)):
+            d.stop(finished=False)
+    finally:
+        relay.close()
+
+
+def test_rank_0_is_learnt_soon_when_it_starts_after_its_peer(store):
+    """Rank 1's watchdog started first (its peer still loading): it knows rank 0 well within one interval
+    of rank 0's start, not at its next check."""
+    ((d1, _),) = [(watchdog.Watchdog(connector(store.port), 1, 2, 10.0, "crossmae-test", prefix="t", interval_s=2.0,
+                                     exit=Exits()).start(), None)]
+    time.sleep(0.3)
+    d0 = watchdog.Watchdog(connector(store.port), 0, 2, 10.0, "crossmae-test", prefix="t", interval_s=2.0,
+                           exit=Exits()).start()
+    try:
+        deadline = time.monotonic() + 0.5  # a quarter of the interval
+        while 0 not in d1._infos and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert d1._infos.get(0, {}).get("pid") == os.getpid(), d1._infos
+    finally:
+        d0.stop()
+        d1.stop()
+
+
 def spawn_ranks(port: int, ranks: tuple[int, ...], world: int = 2, **env) -> list[subprocess.Popen]:
     """Rank processes of their own, their watchdogs started together."""
     procs = [subprocess.Popen([sys.executable, "-c", RANK, str(port), str(rank), str(world), str(TIMEOUT)], cwd=ROOT,
