@@ -71,8 +71,8 @@ def loader_config(cfg: PretrainConfig, world: int, on_gpu: bool, **overrides) ->
     if workers is None:
         workers = default_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     settings = dict(manifest=d.train, batch_size=cfg.deepspeed.micro_batch, num_workers=workers,
-                    seed=cfg.run.seed, image_size=d.image_size, block_size=d.block_size, resize=d.resize,
-                    decode=d.decode, cache_dir=os.path.join(cfg.run.output, "ffcv-cache"),
+                    seed=cfg.run.seed, image_size=d.image_size, block_size=d.block_size, access=d.access,
+                    resize=d.resize, decode=d.decode, cache_dir=os.path.join(cfg.run.output, "ffcv-cache"),
                     shard_cache_dir=d.shard_cache_dir, shard_cache_bytes=d.shard_cache_bytes, pin_memory=on_gpu)
     return LoaderConfig(**dict(settings, **overrides))
 

@@ -36,11 +36,27 @@ def _rng(*key: int) -> np.random.Generator:
 
 
 @functools.lru_cache(maxsize=64)
-def _block_permutation(seed: int, epoch: int, block: int, size: int) -> np.ndarray:
-    """Cached: the loader asks for one block's permutation once per sample it reads."""
+def _cached_permutation(seed: int, epoch: int, block: int, size: int) -> np.ndarray:
     perm = _rng(seed, epoch, 1 + block).permutation(size)
     perm.flags.writeable = False
     return perm
+
+
+_LARGE_BLOCK = 1 << 16
+
+
+def _block_permutation(seed: int, epoch: int, block: int, size: int) -> np.ndarray:
+    """Cached up to 64 blocks: the loader asks for one block's permutation once per sample it reads.
+    Blocks over 65,536 samples (random access: one block is the epoch, 10 MB at ImageNet size) keep
+    only the last one, so a worker holds at most two epochs' orders (it runs into the next epoch)."""
+    if size <= _LARGE_BLOCK:
+        return _cached_permutation(seed, epoch, block, size)
+    return _large_permutation(seed, epoch, block, size)
+
+
+@functools.lru_cache(maxsize=2)
+def _large_permutation(seed: int, epoch: int, block: int, size: int) -> np.ndarray:
+    return _cached_permutation.__wrapped__(seed, epoch, block, size)
 
 
 @dataclass(frozen=True)
@@ -78,6 +94,18 @@ class EpochOrder:
 
     def sample(self, g: int) -> tuple[int, int]:
         return self.locate(self.stream_position(g))
+
+    def samples(self, positions) -> tuple[np.ndarray, np.ndarray]:
+        """`sample` of many positions of G at once: (shard indices, sample indices in the shard)."""
+        g = np.asarray(positions, dtype=np.int64)
+        s = np.empty_like(g)
+        blocks = g // self.block_size
+        for block in np.unique(blocks):
+            at = blocks == block
+            s[at] = block * self.block_size + self.block_permutation(int(block))[g[at] - block * self.block_size]
+        starts = np.asarray(self._starts, dtype=np.int64)
+        k = np.searchsorted(starts, s, "right") - 1
+        return np.asarray(self.shard_order, dtype=np.int64)[k], s - starts[k]
 
 
 def total(intervals: list[Interval]) -> int:

@@ -50,7 +50,8 @@ class LoaderConfig:
     seed: int = 0
     image_size: int = 224
     drop_last: bool = True
-    block_size: int = 512  # WebDataset: samples shuffled together per epoch (memory: ~2 blocks per worker)
+    block_size: int = 512  # WebDataset, access="stream": samples shuffled together per epoch (~2 blocks per worker)
+    access: str = "stream"  # WebDataset: "random" reads each sample at its byte span (one permutation per epoch)
     cache_dir: str = os.path.join(os.path.expanduser("~"), ".cache", "crossmae", "ffcv")
     shard_cache_dir: str | None = None  # WebDataset: keep remote shards locally for later epochs
     shard_cache_bytes: int = 0  # its size limit (least recently used shards evicted); 0 = off
@@ -212,7 +213,8 @@ def build_loader(cfg: LoaderConfig, train: bool = True, rank: int = 0, world_siz
             cfg.manifest, batch_size=cfg.batch_size, transform=transform, rank=rank, world_size=world_size,
             num_workers=cfg.num_workers, seed=cfg.seed, block_size=cfg.block_size,
             drop_last=cfg.drop_last if train else False, prefetch_factor=cfg.prefetch_factor,
-            cache_dir=cfg.shard_cache_dir, cache_bytes=cfg.shard_cache_bytes, pin_memory=cfg.pin_memory)
+            cache_dir=cfg.shard_cache_dir, cache_bytes=cfg.shard_cache_bytes, pin_memory=cfg.pin_memory,
+            access=cfg.access if train else "stream")
     if fmt == "ffcv":
         if train and (cfg.resize != "cpu" or cfg.decode != "cpu" or transform is not None):
             raise ValueError("resize='device', decode='gpu' and other transforms need the WebDataset format "

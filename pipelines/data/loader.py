@@ -38,7 +38,6 @@ import atexit
 import functools
 import os
 import signal
-import sys
 import threading
 import time
 import weakref
@@ -49,12 +48,16 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipelines.data.epoch_order import EpochCursor, EpochOrder, Partition
+from pipelines.data.loader_counters import LoaderCounters
 from pipelines.data.sample_rng import SampleRng
 from pipelines.storage import traffic
-from pipelines.data.shard_cache import ShardCache, ShardList, ShardReader
+from pipelines.data.shard_cache import ShardCache, ShardList, ShardReader, SpanReader, Unreadable, is_remote
 from pipelines.data.transforms import collate_samples
 
 _ShardCursor = ShardReader  # the name tests/reliability/test_fuzz.py reads shards through
+
+
+ACCESS = ("stream", "random")  # how workers read shards: forward, block by block; or each sample at its byte span
 
 
 class Skipped(NamedTuple):
@@ -69,6 +72,7 @@ class Skipped(NamedTuple):
 class _Missing(NamedTuple):
     url: str
     detail: str
+    reason: str = "missing"
 
 
 class _EpochStream(IterableDataset):
@@ -79,26 +83,29 @@ class _EpochStream(IterableDataset):
     rank's batches arrive in `Partition`'s delivery order and no worker runs epochs ahead."""
 
     def __init__(self, shards, rank: int, world_size: int, readers: int, batch_size: int, drop_last: bool,
-                 epoch: int, remaining, transform, seed: int, block_size: int, cache: ShardCache | None = None):
+                 epoch: int, remaining, transform, seed: int, block_size: int, cache: ShardCache | None = None,
+                 access: str = "stream", next_block_size: int | None = None):
         self.shards, self.rank, self.world_size, self.readers = shards, rank, world_size, readers
         self.batch_size, self.drop_last, self.epoch, self.remaining = batch_size, drop_last, epoch, remaining
         self.transform, self.seed, self.block_size, self.cache = transform, seed, block_size, cache
+        self.access, self.next_block_size = access, next_block_size or block_size  # the later epochs' block
         self.sample_rng = SampleRng(seed)  # boxes and flips keyed by (seed, epoch, position) alone
 
     def __iter__(self):
         info = get_worker_info()
         worker = info.id if info else 0
-        epoch, remaining = self.epoch, self.remaining
+        epoch, remaining, block = self.epoch, self.remaining, self.block_size
+        read = self._random_epoch if self.access == "random" else self._epoch
         while True:
             part = Partition(remaining, self.world_size, self.readers, self.batch_size, self.drop_last)
-            order = EpochOrder(self.shards.counts, self.seed, epoch, self.block_size)
+            order = EpochOrder(self.shards.counts, self.seed, epoch, block)
             share = -(-part.batches_per_rank // self.readers)
-            for batch in self._epoch(part, order, worker):
+            for batch in read(part, order, worker):
                 yield dict(batch, epoch=epoch)
                 share -= 1
             for _ in range(share):
                 yield dict(filler=epoch)
-            epoch, remaining = epoch + 1, ((0, sum(self.shards.counts)),)
+            epoch, remaining, block = epoch + 1, ((0, sum(self.shards.counts)),), self.next_block_size
 
     def _epoch(self, part: Partition, order: EpochOrder, worker: int):
         batches = [[g for a, b in batch for g in range(a, b)] for batch in part.worker_batches(self.rank, worker)]
@@ -124,14 +131,38 @@ class _EpochStream(IterableDataset):
         finally:
             cursor.close()
 
+    def _random_epoch(self, part: Partition, order: EpochOrder, worker: int):
+        """access="random": each sample read alone at its byte span (`SpanReader`), in batch order."""
+        batches = [[g for a, b in batch for g in range(a, b)] for batch in part.worker_batches(self.rank, worker)]
+        valid = part.valid_counts(self.rank, worker)
+        flat = [g for batch in batches for g in batch]
+        shard_of, index_of = order.samples(flat)
+        reader, start = SpanReader(self.shards, self.cache), 0
+        before = traffic.snapshot()
+        try:
+            for positions, n_valid in zip(batches, valid):
+                cache = {}
+                for j in range(start, start + len(positions)):
+                    shard = int(shard_of[j])
+                    sample = reader.get(shard, int(index_of[j]))
+                    if isinstance(sample, Unreadable):
+                        sample = _Missing(self.shards.urls[shard], sample.detail, sample.reason)
+                    cache[flat[j]] = sample
+                start += len(positions)
+                store, before = dict(traffic.since(before), shards=reader.store_reads), traffic.snapshot()
+                reader.store_reads = []
+                yield dict(self._batch(positions, n_valid, cache, order.epoch), store=store)
+        finally:
+            reader.close()
+
     def _batch(self, positions: list[int], n_valid: int, cache, epoch: int) -> dict:
         images, labels, keys = [None] * len(positions), [0] * len(positions), [""] * len(positions)
         valid, bad, why = [i < n_valid for i in range(len(positions))], Counter(), {}
         for i, g in enumerate(positions):
             sample = cache.get(g)  # get: a pad repeat may name a position twice in one batch
             if isinstance(sample, _Missing):
-                bad[sample.url, "missing"] += 1
-                why[sample.url, "missing"] = sample.detail
+                bad[sample.url, sample.reason] += 1
+                why[sample.url, sample.reason] = sample.detail
                 continue
             try:
                 label = int(sample["cls"])
@@ -195,86 +226,16 @@ def _close_open_loaders() -> None:
         loader.close()
 
 
-class LoaderCounters:
-    """What a loader delivered and skipped on this rank, for both formats: ``stats`` ("samples":
-    batch entries delivered, plus skipped samples per reason), ``samples_seen`` (valid entries:
-    new, readable samples), ``skipped_by_shard``; saved in ``state_dict()``.
-
-    ``traffic``: this process's object-store reads per epoch, {epoch: Counter(gets, bytes, retries,
-    shard_reads, shard_rereads)} (pipelines/storage/traffic.py; a re-read is a shard read from the
-    store again after an earlier read in this process). Counted in the workers and carried to this
-    process on the batches they cost (so a batch prefetched when the loader closes goes uncounted);
-    not saved in state_dict(): a checkpoint holds rank 0's state, and a resumed process reads afresh."""
-
-    dataset_bytes: int | None = None  # the shards' bytes, where the manifest says them
-
-    def _reset_traffic(self) -> None:
-        self.traffic: dict[int, Counter] = {}
-        self._store_shards: set[int] = set()
-
-    def traffic_total(self) -> Counter:
-        return sum(self.traffic.values(), Counter())
-
-    def _count_store(self, store: dict) -> None:
-        epoch = self.traffic.setdefault(self.epoch, Counter())
-        epoch.update({k: v for k, v in store.items() if k != "shards"})
-        for shard in store["shards"]:
-            epoch["shard_reads"] += 1
-            epoch["shard_rereads"] += shard in self._store_shards
-            self._store_shards.add(shard)
-
-    def _reset_counters(self, state: dict | None = None) -> None:
-        state = state or {}
-        self.stats: Counter = Counter(state.get("stats", {}))
-        self.samples_seen = state.get("samples_seen", 0)
-        self.skipped_by_shard: dict[str, Counter] = {u: Counter(c) for u, c in state.get("skipped_by_shard", {}).items()}
-        self._warned = set()
-
-    def _counter_state(self) -> dict:
-        return dict(stats=dict(self.stats), samples_seen=self.samples_seen,
-                    skipped_by_shard={u: dict(c) for u, c in self.skipped_by_shard.items()})
-
-    @property
-    def skipped(self) -> int:
-        return sum(v for k, v in self.stats.items() if k != "samples")
-
-    @property
-    def skipped_fraction(self) -> float:
-        """Skipped samples / samples the loader tried to read (skipped + seen), on this rank."""
-        return self.skipped / max(1, self.skipped + self.samples_seen)
-
-    def _count(self, batch: dict) -> None:
-        """Counters, and one stderr line per damaged shard and reason the first time this rank meets it."""
-        store = batch.pop("store", None)
-        if store is not None:
-            self._count_store(store)
-        for url, reason, count, detail in batch["skipped"]:
-            self.stats[reason] += count
-            self.skipped_by_shard.setdefault(url, Counter())[reason] += count
-            if (url, reason) not in self._warned:
-                self._warned.add((url, reason))
-                print(f"crossmae loader: warning: rank {self.rank}: {url}: {detail}; its unreadable samples are "
-                      f"replaced by other samples of their batch (counted as {reason!r} in loader.stats)",
-                      file=sys.stderr, flush=True)
-        self.stats["samples"] += len(batch["valid"])
-        self.samples_seen += int(batch["valid"].sum())
-
-    def summary(self) -> str:
-        """One line for the end of a run: samples seen and skipped, per reason and shard."""
-        shards = ", ".join(f"{u} ({sum(c.values())})" for u, c in sorted(self.skipped_by_shard.items()))
-        reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.stats.items()) if k != "samples")
-        return (f"rank {self.rank}: {self.samples_seen} samples seen, {self.skipped} skipped "
-                f"({100 * self.skipped_fraction:.2f}%)" + (f": {reasons}; shards: {shards}" if self.skipped else ""))
-
-
 class StreamingLoader(EpochCursor, LoaderCounters):
     """The rank's loader across epochs; ``state_dict()`` after any batch resumes exactly there."""
 
     def __init__(self, shards: ShardList, batch_size: int, transform, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, seed: int = 0, block_size: int = 512, drop_last: bool = True,
                  prefetch_factor: int = 2, cache_dir: str | None = None, cache_bytes: int = 0,
-                 pin_memory: bool = False):
-        self.shards, self.batch_size, self._transform = shards, batch_size, transform
+                 pin_memory: bool = False, access: str = "stream"):
+        if access not in ACCESS:
+            raise ValueError(f"access must be one of {', '.join(ACCESS)}, got {access!r}")
+        self.shards, self.batch_size, self._transform, self.access = shards, batch_size, transform, access
         # GPUs: batches in page-locked memory for non_blocking copies (no-op without CUDA)
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
@@ -284,7 +245,25 @@ class StreamingLoader(EpochCursor, LoaderCounters):
         self._reset_traffic()
         self._stream, self._stopping = None, None
         self.cache = ShardCache(cache_dir, cache_bytes) if cache_dir and cache_bytes > 0 else None
+        # the order's block: stream reads ``block_size`` samples shuffled together, random one permutation of the
+        # epoch. ``block_size`` is the current epoch's (a resumed state's may differ), _epoch_block the later ones'.
+        self._epoch_block = self.num_samples if access == "random" else block_size
+        self.block_size = self._epoch_block
+        if access == "random":
+            self._check_random_access(cache_bytes)
         self._check_not_empty()
+
+    def _check_random_access(self, cache_bytes: int) -> None:
+        remote = [u for u in self.shards.urls if is_remote(u)]
+        if remote and self.cache is None:
+            raise ValueError(f"access='random' reads each sample at its byte offset in a local file, and {remote[0]} "
+                             "is remote: give the node a shard cache that holds the data (data.shard_cache_dir and "
+                             "data.shard_cache_bytes), or use access='stream'")
+        need = sum(size for url, size in zip(self.shards.urls, self.shards.sizes) if is_remote(url))
+        if self.cache is not None and remote and self.shards.dataset_bytes is not None and cache_bytes < need:
+            raise ValueError(f"access='random' draws every batch from every shard, so the shard cache must hold all "
+                             f"of them: {need / 1e9:.3f} GB of shards, cache limit {cache_bytes / 1e9:.3f} GB "
+                             "(data.shard_cache_bytes); raise it, or use access='stream'")
 
     @classmethod
     def from_manifest(cls, manifest_url: str, **kw) -> "StreamingLoader":
@@ -329,7 +308,7 @@ class StreamingLoader(EpochCursor, LoaderCounters):
             self._stopping = torch.multiprocessing.get_context().RawValue("b", 0)
             ds = _EpochStream(self.shards, self.rank, self.world_size, self._readers, self.batch_size, self.drop_last,
                               self.epoch, self._current.remaining, self._transform, self.seed, self.block_size,
-                              self.cache)
+                              self.cache, self.access, self._epoch_block)
             kw = dict(prefetch_factor=self.prefetch_factor, worker_init_fn=functools.partial(
                 _worker_signals, self._stopping, os.getpid())) if self.num_workers else {}
             self._stream = iter(DataLoader(ds, batch_size=None, num_workers=self.num_workers,
@@ -361,10 +340,19 @@ class StreamingLoader(EpochCursor, LoaderCounters):
         except Exception:  # noqa: BLE001 - interpreter teardown
             pass
 
+    def _end_epoch(self) -> None:
+        super()._end_epoch()
+        self.block_size = self._epoch_block  # a resumed state's block held for its own epoch only
+
     def state_dict(self) -> dict:
-        return dict(self._position(), block_size=self.block_size, **self._counter_state())
+        position = self._position()
+        block = self.block_size if position["epoch"] == self.epoch else self._epoch_block
+        return dict(position, block_size=block, **self._counter_state())
 
     def load_state_dict(self, state: dict) -> None:
+        """The state's epoch keeps the order it was cut with (its block size); the epochs after it
+        use this loader's (so a run resumed with another ``access`` or ``block_size`` changes from
+        the next epoch on, and never repeats or skips a sample of the current one)."""
         self.close()  # running workers are at another position
         self._load_position(state)
         self.block_size = state["block_size"]

@@ -1,5 +1,6 @@
 """WebDataset shards: the list (`ShardList`, from a manifest or a brace pattern), a forward
-reader that names the damage it meets (`ShardReader`), and an optional local cache.
+reader that names the damage it meets (`ShardReader`), a reader of single samples at their byte
+spans in local files (`SpanReader`, for ``access="random"``), and an optional local cache.
 
 The cache, for multi-epoch runs: remote shards are copied to a local
 directory on first use and read from there afterwards; least recently used shards are
@@ -14,14 +15,18 @@ import hashlib
 import io
 import json
 import os
+import resource
 import tarfile
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import NamedTuple
 
+import numpy as np
 from braceexpand import braceexpand
 
 from pipelines import storage
 from pipelines.data.shard_names import shard_url
-from pipelines.data.tar_reader import tar_samples
+from pipelines.data.tar_reader import sample_spans, tar_samples
 
 
 def is_remote(url: str) -> bool:
@@ -121,6 +126,79 @@ class ShardReader:
         if self.file is not None:
             self.file.close()
         self.file = None
+
+
+class SpanReader:
+    """Reads single samples of local shard files (a local dataset, or remote shards through the node's
+    `ShardCache`) at their byte spans: a seek and one read per sample, in any order. Each shard's spans
+    come from one walk over its headers (`sample_spans`: ~2 headers per sample sought over, never the
+    data), once per process, kept as two int64 arrays (16 bytes per sample). Open files are kept in
+    a least-recently-used set of at most ``max_open`` (a cached shard stays locked against eviction
+    while open). ``get`` returns the sample dict, or `Unreadable` (reason, detail) for a sample the
+    shard cannot give: past its damage or its end ("missing"), or a sample whose own bytes do not
+    parse (the error's type name; the shard's other samples are still read)."""
+
+    def __init__(self, shards: ShardList, cache: ShardCache | None = None, max_open: int = 256):
+        self.shards, self.cache, self.store_reads = shards, cache, []
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.max_open = max(1, min(max_open, soft // 4 if soft > 0 else max_open))
+        self.files: OrderedDict[int, object] = OrderedDict()
+        self.spans: dict[int, tuple] = {}  # shard -> (starts, ends, damage)
+
+    def _file(self, shard: int):
+        f = self.files.pop(shard, None)
+        if f is None:
+            url = self.shards.urls[shard]
+            if self.cache is not None:
+                f = self.cache.open(url)
+                if self.cache.fetched:
+                    self.store_reads.append(shard)
+            else:
+                f = storage.open_read(url)
+            while len(self.files) >= self.max_open:
+                self.files.popitem(last=False)[1].close()
+        self.files[shard] = f
+        return f
+
+    def _spans(self, shard: int, f) -> tuple:
+        if shard not in self.spans:
+            url = self.shards.urls[shard]
+            try:
+                spans, damage = sample_spans(f, url)
+            except ValueError as e:  # a compressed tar, a pax global header that names members
+                spans, damage = [], f" ({e})"
+            arr = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+            self.spans[shard] = (arr[:, 0].copy(), arr[:, 1].copy(), damage)
+        return self.spans[shard]
+
+    def get(self, shard: int, index: int):
+        try:
+            f = self._file(shard)
+        except FileNotFoundError as e:
+            return Unreadable("missing", f"cannot be opened ({type(e).__name__}: {e})")
+        starts, ends, damage = self._spans(shard, f)
+        count = self.shards.counts[shard]
+        if index >= len(starts):
+            return Unreadable("missing", f"unreadable after {len(starts)} of its {count} samples{damage}")
+        a, b = int(starts[index]), int(ends[index])
+        f.seek(a)
+        data = f.read(b - a)
+        if len(data) < b - a:  # the file changed on disk since its walk
+            return Unreadable("missing", f"sample {index} is no longer in the file (it changed since it was opened)")
+        try:
+            return next(tar_samples(io.BytesIO(data), self.shards.urls[shard]))
+        except (tarfile.TarError, ValueError, StopIteration) as e:
+            return Unreadable(type(e).__name__, f"sample {index} of the shard: {type(e).__name__}: {e}")
+
+    def close(self) -> None:
+        while self.files:
+            self.files.popitem()[1].close()
+
+
+class Unreadable(NamedTuple):
+    """A sample `SpanReader` could not give: ``reason`` is the ``loader.stats`` key."""
+    reason: str
+    detail: str
 
 
 class ShardCache:

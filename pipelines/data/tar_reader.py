@@ -17,6 +17,7 @@ raises ``ValueError``, as in ``group_by_keys``.
 """
 from __future__ import annotations
 
+import os
 import re
 import tarfile
 from typing import BinaryIO, Iterator
@@ -76,7 +77,24 @@ def _read(f: BinaryIO, n: int) -> bytes:
 
 def tar_members(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
     """(name, data) of each regular member, in stream order."""
-    offset, long_name, pax, global_pax, extended = 0, None, {}, {}, False  # extended: L/K/x/g just read
+    for name, data, _, _ in _walk(f, None):
+        yield name, data
+
+
+def _walk(f: BinaryIO, file_size: int | None) -> Iterator[tuple[str, bytes | None, int, int]]:
+    """(name, data, start, end) of each regular member: ``start`` is the offset of its first header
+    (the L / x headers before it included), ``end`` the offset past its padding. With ``file_size``
+    (a seekable file) the data is not read but sought over (data None), and a member reaching past
+    the file's end raises as a short read does."""
+    offset, start, long_name, pax, global_pax, extended = 0, 0, None, {}, {}, False  # extended: L/K/x/g just read
+
+    def skip(n: int) -> bool:
+        """Past n bytes of data or padding; False when the file ends first."""
+        if file_size is None:
+            return len(_read(f, n)) == n
+        f.seek(offset + 512 + n)
+        return offset + 512 + n <= file_size
+
     while True:
         head = _read(f, 512)
         try:
@@ -93,21 +111,25 @@ def tar_members(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
             if extended:
                 raise tarfile.ReadError("missing or bad subsequent header") from None
             return
+        if not extended:
+            start = offset
         kind, size = head[156:157], _number(head[124:136])
         if size < 0:
             raise tarfile.ReadError(f"negative member size {size}")
-        offset += 512
         if kind in (b"L", b"K", b"x", b"g"):
             data = _read(f, size + (-size % 512))
             if len(data) < size:
                 raise tarfile.ReadError("unexpected end of data")
-            offset, extended = offset + len(data), True
+            offset, extended = offset + 512 + len(data), True
             if kind == b"L":
                 long_name = _text(data[:size])
             elif kind == b"x":
                 pax = _pax(data[:size])
             elif kind == b"g":
                 global_pax.update(_pax(data[:size]))
+                if file_size is not None and {"path", "size"} & global_pax.keys():
+                    raise ValueError("a pax global header sets member names or sizes: its samples cannot be "
+                                     "read one by one (data.access=stream reads this shard)")
             continue
         name = _text(head[0:100])
         if head[345]:  # the ustar name prefix, as tarfile reads it: in any format
@@ -119,19 +141,57 @@ def tar_members(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
         long_name, pax, extended = None, {}, False
         if kind == b"\0" and name.endswith("/"):
             kind = b"5"  # an old-style directory entry
+        padded = size + (-size % 512)
         if kind in _REGULAR and not (("/" not in name and name.startswith("__") and name.endswith("__"))
                                      or _META.match(name)):
-            data = _read(f, size)
-            if len(data) < size:
-                raise tarfile.ReadError("unexpected end of data")
-            yield name, data
-            if len(_read(f, -size % 512)) < -size % 512:  # checked after the yield, as tarfile does
-                raise tarfile.ReadError("unexpected end of data")
+            if file_size is not None:  # the same checks as the read below, in the same order
+                if offset + 512 + size > file_size:
+                    raise tarfile.ReadError("unexpected end of data")
+                yield name, None, start, offset + 512 + padded
+                if not skip(padded):
+                    raise tarfile.ReadError("unexpected end of data")
+            else:
+                data = _read(f, size)
+                if len(data) < size:
+                    raise tarfile.ReadError("unexpected end of data")
+                yield name, data, start, offset + 512 + padded
+                if len(_read(f, -size % 512)) < -size % 512:  # checked after the yield, as tarfile does
+                    raise tarfile.ReadError("unexpected end of data")
         elif kind == b"S":
             raise tarfile.ReadError(f"{name}: a sparse member, not a WebDataset file")
-        elif len(_read(f, size + (-size % 512))) < size + (-size % 512):  # a directory, link: skipped
+        elif not skip(padded):  # a directory, link: skipped
             raise tarfile.ReadError("unexpected end of data")
-        offset += size + (-size % 512)
+        offset += 512 + padded
+
+
+def sample_spans(f: BinaryIO, url: str) -> tuple[list[tuple[int, int]], str]:
+    """The byte span [start, end) of each sample of a plain tar, in order, from a walk over its
+    headers (the data is sought over, not read), grouped by key as `tar_samples` groups them; and
+    "" or the damage that ended the walk. A sample whose members the damage cut is not listed, as
+    `tar_samples` loses it. ``f``: a seekable local file. Reading one span alone gives the sample:
+    ``next(tar_samples(io.BytesIO(span_bytes), url))``."""
+    head = f.peek(6)[:6] if hasattr(f, "peek") else f.read(6)
+    f.seek(0)
+    if head.startswith(_COMPRESSED):
+        raise ValueError(f"{url}: a compressed tar; reading samples one by one needs a plain tar "
+                         "(data.access=stream reads it)")
+    spans: list[list[int]] = []
+    key = None
+    try:
+        for name, _, start, end in _walk(f, os.fstat(f.fileno()).st_size):
+            match = _KEY.match(name)
+            if not match:
+                continue
+            if match.group(1) != key:
+                key = match.group(1)
+                spans.append([start, end])
+            else:
+                spans[-1][1] = end
+    except (tarfile.TarError, ValueError) as e:
+        if spans:
+            spans.pop()  # the sample being read when the damage came is lost, as in tar_samples
+        return [(a, b) for a, b in spans], f" ({type(e).__name__}: {e})"
+    return [(a, b) for a, b in spans], ""
 
 
 def tar_samples(f: BinaryIO, url: str) -> Iterator[dict]:

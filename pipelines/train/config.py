@@ -29,7 +29,10 @@ class DataSection:
     train: str = ""  # manifest URL (crossmae-prep) or a brace pattern of WebDataset tars
     image_size: int = 224
     num_workers: int | None = None  # loader processes per rank; None: the cores this rank can have, minus one, 1..16
-    block_size: int = 512
+    block_size: int = 512  # access=stream: samples shuffled together (a worker holds ~2 blocks)
+    # random: each sample read at its byte span from local shards or the node's shard cache (which must then hold
+    # every remote shard); each epoch is one random permutation (block_size unused). BENCHMARKS.md: shuffle quality
+    access: Literal["stream", "random"] = "stream"
     shard_cache_dir: str | None = None
     shard_cache_bytes: int = 0
     resize: Literal["cpu", "device"] = "cpu"  # device: workers decode + crop, the GPU resizes (transforms.py)

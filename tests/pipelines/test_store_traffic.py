@@ -38,10 +38,10 @@ def remote(local_shards, s3_bucket, s3_env, monkeypatch):
         yield f"{base}/manifest.json", proxy, sizes
 
 
-def run_epochs(manifest, tmp_path, cache: bool, workers: int):
+def run_epochs(manifest, tmp_path, cache: bool, workers: int, access: str = "stream"):
     kw = dict(cache_dir=str(tmp_path / "cache"), cache_bytes=1 << 30) if cache else {}
     with StreamingLoader.from_manifest(manifest, batch_size=8, transform=MAETrainTransform(16), num_workers=workers,
-                                       block_size=16, seed=3, **kw) as loader:
+                                       block_size=16, seed=3, access=access, **kw) as loader:
         for _ in range(EPOCHS):
             assert sum(1 for _ in loader) == len(loader) > 0
     return loader
@@ -52,10 +52,12 @@ def shard_gets(proxy) -> Counter:
                    if e.method == "GET" and e.path.split("?")[0].endswith(".tar"))
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_with_the_shard_cache_each_shard_is_read_from_the_store_once_in_three_epochs(remote, tmp_path, workers):
+@pytest.mark.parametrize("workers,access", [(0, "stream"), (2, "stream"), (0, "random"), (2, "random")])
+def test_with_the_shard_cache_each_shard_is_read_from_the_store_once_in_three_epochs(remote, tmp_path, workers,
+                                                                                     access):
+    """Random access too: every batch draws from every shard, and the node's cache serves them all."""
     manifest, proxy, sizes = remote
-    loader = run_epochs(manifest, tmp_path, cache=True, workers=workers)
+    loader = run_epochs(manifest, tmp_path, cache=True, workers=workers, access=access)
     assert shard_gets(proxy) == Counter({name: 1 for name in sizes}), "server side: one GET per shard"
     total = loader.traffic_total()
     assert loader.dataset_bytes == sum(sizes.values())
@@ -85,3 +87,14 @@ def test_without_a_cache_each_shard_is_read_once_per_epoch(remote, tmp_path, wor
     assert sum(gets.values()) - straddling * (len(sizes) // 2 + 1) <= loader.traffic_total()["gets"]
     if workers == 0:
         assert sum(gets.values()) == loader.traffic_total()["gets"], "the loader counts what the server saw"
+
+
+def test_random_access_refuses_remote_shards_without_a_cache_that_holds_them(remote, tmp_path):
+    manifest, proxy, sizes = remote
+    with pytest.raises(ValueError, match="remote: give the node a shard cache"):
+        run_epochs(manifest, tmp_path, cache=False, workers=0, access="random")
+    small = sum(sizes.values()) - 1
+    with pytest.raises(ValueError, match="the shard cache must hold all of them"):
+        StreamingLoader.from_manifest(manifest, batch_size=8, transform=MAETrainTransform(16), access="random",
+                                      cache_dir=str(tmp_path / "c"), cache_bytes=small)
+    assert shard_gets(proxy) == Counter(), "refused before any shard was read"

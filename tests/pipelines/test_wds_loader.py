@@ -67,12 +67,14 @@ def test_epochs_reshuffle(shards):
     assert len(set(first) & set(second)) >= N - 2 * 8 and first != second and ld.epoch == 2
 
 
-@pytest.mark.parametrize("world,workers,world2,workers2", [(2, 2, 2, 2), (2, 2, 3, 1), (1, 3, 2, 0)])
-def test_resume_mid_epoch_yields_unseen_samples_only(shards, world, workers, world2, workers2):
+@pytest.mark.parametrize("world,workers,world2,workers2,access", [
+    (2, 2, 2, 2, "stream"), (2, 2, 3, 1, "stream"), (1, 3, 2, 0, "stream"), (2, 2, 2, 2, "random"),
+    (2, 2, 3, 1, "random")])
+def test_resume_mid_epoch_yields_unseen_samples_only(shards, world, workers, world2, workers2, access):
     stop = 3
     before, states = [], []
     for r in range(world):
-        ld = loader(shards, rank=r, world_size=world, num_workers=workers)
+        ld = loader(shards, rank=r, world_size=world, num_workers=workers, access=access)
         it = iter(ld)
         before += keys_of([next(it) for _ in range(stop)])
         states.append(ld.state_dict())
@@ -80,7 +82,7 @@ def test_resume_mid_epoch_yields_unseen_samples_only(shards, world, workers, wor
     assert all(s == states[0] for s in states), "every rank computes the same global state"
     after = []
     for r in range(world2):
-        ld = loader(shards, rank=r, world_size=world2, num_workers=workers2)
+        ld = loader(shards, rank=r, world_size=world2, num_workers=workers2, access=access)
         ld.load_state_dict(states[0])
         after += keys_of(take(ld))
     both = before + after
@@ -89,8 +91,41 @@ def test_resume_mid_epoch_yields_unseen_samples_only(shards, world, workers, wor
     if (world, workers) == (world2, workers2):  # same shape: the very same batches as without a restart
         full = []
         for r in range(world):
-            full += keys_of(take(loader(shards, rank=r, world_size=world, num_workers=workers)))
+            full += keys_of(take(loader(shards, rank=r, world_size=world, num_workers=workers, access=access)))
         assert sorted(full) == sorted(both)
+
+
+@pytest.mark.parametrize("world,workers", [(1, 0), (2, 3)])
+def test_random_access_gives_the_batches_of_streaming_the_same_order(shards, world, workers):
+    """access="random" reads each sample alone at its byte span; its order is one permutation of the
+    epoch, which streaming with block_size = N also gives: the same batches, crops included."""
+    for r in range(world):
+        rand = loader(shards, rank=r, world_size=world, num_workers=workers, access="random")
+        stream = loader(shards, rank=r, world_size=world, num_workers=workers, block_size=N)
+        assert rand.block_size == N
+        for _ in range(2):
+            a, b = take(rand), take(stream)
+            assert len(a) == len(b) == rand.batches_per_epoch > 0
+            for x, y in zip(a, b):
+                assert x["key"] == y["key"] and torch.equal(x["image"], y["image"])
+                assert torch.equal(x["label"], y["label"]) and torch.equal(x["index"], y["index"])
+        rand.close()
+        stream.close()
+
+
+def test_a_run_resumed_with_another_access_keeps_the_epoch_order_then_switches(shards):
+    ld = loader(shards)
+    head = take(ld, 4)
+    state = ld.state_dict()
+    assert state["block_size"] == 32
+    resumed = loader(shards, access="random")
+    resumed.load_state_dict(state)
+    rest = take(resumed)
+    assert sorted(keys_of(head + rest)) == sorted(keys_of(take(loader(shards)))), "the epoch as streamed"
+    assert resumed.epoch == 1 and resumed.block_size == N and resumed.state_dict()["block_size"] == N
+    fresh = loader(shards, access="random")
+    take(fresh)
+    assert keys_of(take(resumed)) == keys_of(take(fresh)), "epoch 1: random access's own order"
 
 
 def test_streams_from_s3(shards, s3_bucket):
@@ -105,7 +140,8 @@ def test_streams_from_s3(shards, s3_bucket):
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(local, remote))
 
 
-def test_corrupt_and_missing_samples_are_replaced_and_counted(shards, tmp_path):
+@pytest.mark.parametrize("access", ["stream", "random"])
+def test_corrupt_and_missing_samples_are_replaced_and_counted(shards, tmp_path, access):
     out = tmp_path / "train"
     out.mkdir()
     for p in pathlib.Path(shards).parent.iterdir():
@@ -121,7 +157,7 @@ def test_corrupt_and_missing_samples_are_replaced_and_counted(shards, tmp_path):
     with tarfile.open(short) as tar:
         cut_at = [m for m in tar.getmembers() if m.name.endswith(".jpg")][-2].offset
     short.write_bytes(short.read_bytes()[:cut_at] + b"\0" * 1024)
-    ld = loader(out / "manifest.json", drop_last=False)
+    ld = loader(out / "manifest.json", drop_last=False, access=access)
     batches = take(ld)
     assert all(len(b["key"]) == 8 for b in batches)
     assert ld.stats["missing"] == 2 and sum(v for k, v in ld.stats.items() if k not in ("missing", "samples")) == 1
@@ -257,9 +293,10 @@ def _damaged_copy(shards, out):
     return out / "manifest.json", str(short)
 
 
-def test_a_damaged_shard_is_said_once_per_rank_on_stderr_and_counted(shards, tmp_path, capfd):
+@pytest.mark.parametrize("access", ["stream", "random"])
+def test_a_damaged_shard_is_said_once_per_rank_on_stderr_and_counted(shards, tmp_path, capfd, access):
     manifest, short = _damaged_copy(shards, tmp_path / "train")
-    ld = loader(manifest, num_workers=2)
+    ld = loader(manifest, num_workers=2, access=access)
     skipped = []
     for _ in range(2):
         for b in ld:
@@ -267,7 +304,7 @@ def test_a_damaged_shard_is_said_once_per_rank_on_stderr_and_counted(shards, tmp
     ld.close()
     err = capfd.readouterr().err
     warnings = [line for line in err.splitlines() if "warning" in line]
-    assert len(warnings) == 1, err  # two epochs, two workers: said once
+    assert len(warnings) == 1, err  # two epochs, two workers: said once (random: every worker reads every shard)
     assert short in warnings[0] and "unreadable after 14 of its 16 samples" in warnings[0]
     assert {(s.url, s.reason) for s in skipped} == {(short, "missing")} and sum(s.count for s in skipped) == 4
     assert ld.stats["missing"] == 4 and ld.skipped == 4 and dict(ld.skipped_by_shard[short]) == {"missing": 4}
