@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 ("--epochs", 3, "epochs the cache row spans (default 3)"),
                                 ("--seed", 0, "run.seed (default 0)")):
         p.add_argument(flag, type=_int_in(0 if flag == "--seed" else 1), default=default, help=what)
+    p.add_argument("--access", choices=("stream", "random"), default="stream",
+                   help="data.access (default stream; random: one permutation per epoch, read through the cache)")
     return ap
 
 
@@ -285,7 +287,7 @@ def _loader_stats(args) -> dict:
     shards = ShardList.from_manifest(args.manifest)
     try:
         r = expected_reads(shards, args.world, args.workers, args.batch, args.block_size, args.ranks_per_node,
-                           args.epochs, args.seed)
+                           args.epochs, args.seed, args.access)
     except ValueError as e:  # a batch larger than a rank's share
         raise UsageError(str(e)) from None
     gib, size = 2 ** 30, r["dataset_bytes"]
@@ -293,15 +295,20 @@ def _loader_stats(args) -> dict:
     for line in (
             f"{args.manifest}: {r['shards']} shards, {r['samples']} samples, "
             + (f"{size / gib:.2f} GiB" if size is not None else "shard bytes unknown (the ratios count samples)"),
-            f"run: {r['world']} rank(s), {r['workers']} worker(s) each, batch {r['batch']}, block {r['block_size']} "
-            f"samples ({r['block_shards']} shards' worth); {r['nodes']} node(s) of {r['ranks_per_node']} rank(s)",
+            f"run: {r['world']} rank(s), {r['workers']} worker(s) each, batch {r['batch']}, "
+            + (f"block {r['block_size']} samples ({r['block_shards']} shards' worth)" if none is not None else
+               "access random (one permutation of the epoch)")
+            + f"; {r['nodes']} node(s) of {r['ranks_per_node']} rank(s)",
             f"store reads per epoch, no shard cache: {none['gets_per_epoch']} GETs, "
-            f"{none['bytes_per_dataset_per_epoch']:.3f}x the dataset (all nodes)",
+            f"{none['bytes_per_dataset_per_epoch']:.3f}x the dataset (all nodes)" if none is not None else
+            "store reads without a shard cache: none allowed (access random reads remote shards through the cache "
+            "only; local shards are read in place)",
             f"store reads with a shard cache that holds the data: {cache['gets_per_node']} GETs, "
             f"{cache['bytes_per_dataset_per_node']:.3f}x the dataset per node over {r['epochs']} epoch(s) "
             "(never over 1x)",
             f"shuffle: {mix['mean']:.2f} shards per batch on rank 0 (min {mix['min']}, max {mix['max']}); "
-            f"a batch is a run of the epoch order, whose blocks of {r['block_size']} samples are each shuffled"):
+            + (f"a batch is a run of the epoch order, whose blocks of {r['block_size']} samples are each shuffled"
+               if none is not None else "every batch is drawn from the whole epoch")):
         print(f"crossmae-prep: loader-stats: {line}", file=sys.stderr)
     return r
 

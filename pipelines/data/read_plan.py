@@ -46,10 +46,14 @@ def _reader_touch(order: EpochOrder, a: int, b: int) -> dict[int, int]:
 
 
 def expected_reads(shards: ShardList, world: int, workers: int, batch: int, block_size: int = 512,
-                   ranks_per_node: int | None = None, epochs: int = 3, seed: int = 0) -> dict:
+                   ranks_per_node: int | None = None, epochs: int = 3, seed: int = 0, access: str = "stream") -> dict:
     """Expected store reads per epoch (no cache) and per node over ``epochs`` (with a cache that
-    holds the data), and the shuffle's shape: shards per batch on rank 0 and the block in shards."""
+    holds the data), and the shuffle's shape: shards per batch on rank 0 and the block in shards.
+    ``access="random"``: the order is one permutation of the epoch and a reader touches exactly
+    the shards of its samples; remote shards are read only through a cache (no_cache is None)."""
     n, readers, per_node = sum(shards.counts), max(1, workers), ranks_per_node or world
+    if access == "random":
+        block_size = n
     sizes = np.asarray(shards.sizes if shards.dataset_bytes is not None else shards.counts, dtype=np.float64)
     counts = np.maximum(np.asarray(shards.counts, dtype=np.float64), 1)
     part = Partition(((0, n),), world, readers, batch, True)
@@ -66,7 +70,11 @@ def expected_reads(shards: ShardList, world: int, workers: int, batch: int, bloc
                 runs = [iv for batch_ivs in part.worker_batches(rank, worker) for iv in batch_ivs]
                 if not runs:
                     continue
-                last = _reader_touch(order, min(a for a, _ in runs), max(b for _, b in runs))
+                if access == "random":
+                    hit = order.samples([g for a, b in runs for g in range(a, b)])[0]
+                    last = {int(k): int(shards.counts[k]) - 1 for k in np.unique(hit)}  # a cache fetches it whole
+                else:
+                    last = _reader_touch(order, min(a for a, _ in runs), max(b for _, b in runs))
                 node_shards[rank // per_node].update(last)
                 if epoch == 0:
                     gets += len(last)
@@ -78,9 +86,11 @@ def expected_reads(shards: ShardList, world: int, workers: int, batch: int, bloc
     node_bytes = [sum(sizes[k] for k in s) for s in node_shards]
     return dict(
         shards=len(shards.urls), samples=n, dataset_bytes=shards.dataset_bytes, world=world, workers=readers,
-        batch=batch, block_size=block_size, ranks_per_node=per_node, nodes=len(node_shards), epochs=epochs,
-        no_cache=dict(gets_per_epoch=int(gets), bytes_per_epoch=int(nbytes) if shards.dataset_bytes else None,
-                      bytes_per_dataset_per_epoch=round(nbytes / dataset, 3)),
+        batch=batch, block_size=block_size, access=access, ranks_per_node=per_node, nodes=len(node_shards),
+        epochs=epochs,
+        no_cache=None if access == "random" else dict(
+            gets_per_epoch=int(gets), bytes_per_epoch=int(nbytes) if shards.dataset_bytes else None,
+            bytes_per_dataset_per_epoch=round(nbytes / dataset, 3)),
         cache=dict(gets_per_node=max(len(s) for s in node_shards),
                    bytes_per_dataset_per_node=round(max(node_bytes) / dataset, 3)),
         shards_per_batch=dict(mean=round(float(np.mean(per_batch)), 2), min=min(per_batch), max=max(per_batch)),

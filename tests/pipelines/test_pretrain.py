@@ -231,6 +231,17 @@ def test_resize_on_the_device_trains_like_the_cpu_path(manifest, tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-3, abs=2e-3)
 
 
+def test_random_access_trains_on_one_permutation_of_the_epoch(manifest, tmp_path):
+    """data.access=random: the same loop, batches drawn from the whole epoch; a bad value is one line."""
+    launch(manifest, tmp_path / "random", "run.max_steps=3", "run.save_every=3", "data.access=random",
+           launcher="plain")
+    keys = [k for step in keys_by_step(tmp_path / "random").values() for ks in step.values() for k in ks]
+    assert len(keys) == len(set(keys)) > 0 and len(records(tmp_path / "random")) == 3
+    proc = launch(manifest, tmp_path / "bad", "data.access=shuffle", launcher="plain", expect=2)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("crossmae-pretrain: error: ") and "data.access" in last and "Traceback" not in proc.stderr
+
+
 def test_sigterm_saves_a_checkpoint_and_resume_continues(manifest, tmp_path):
     """Preemption: SIGTERM to the launcher (torchrun forwards it to every rank) -> every rank
     stops at the end of the same step, a checkpoint of that step is saved, resume continues."""

@@ -38,11 +38,12 @@ def stats(capsys, manifest, *extra):
     return json.loads(out.out), [ln for ln in out.err.splitlines() if ln.startswith("crossmae-prep: loader-stats: ")]
 
 
-def read_epochs(manifest, rank, epochs, cache_dir=None):
+def read_epochs(manifest, rank, epochs, cache_dir=None, access="stream"):
     """The real loader of one rank; its own store counters per epoch (pipelines/storage/traffic.py)."""
     kw = dict(cache_dir=str(cache_dir), cache_bytes=1 << 30) if cache_dir else {}
     with StreamingLoader.from_manifest(manifest, batch_size=BATCH, transform=MAETrainTransform(16), rank=rank,
-                                       world_size=WORLD, num_workers=WORKERS, block_size=BLOCK, seed=0, **kw) as ld:
+                                       world_size=WORLD, num_workers=WORKERS, block_size=BLOCK, seed=0,
+                                       access=access, **kw) as ld:
         for _ in range(epochs):
             assert sum(1 for _ in ld) == len(ld) > 0
     return ld.traffic
@@ -64,6 +65,19 @@ def test_loader_stats_prints_what_a_run_will_read_and_the_loader_reads_it(local_
     per_node = [read_epochs(remote, rank, 3, tmp_path / f"node{rank}") for rank in range(WORLD)]  # a cache each
     gets = [sum(t["gets"] for t in node.values()) for node in per_node]
     assert max(gets) == r["cache"]["gets_per_node"] and all(g <= m["num_shards"] for g in gets)
+
+
+def test_loader_stats_for_random_access(local_manifest, remote, tmp_path, capsys):
+    """access random: no store reads without a cache; with one, each node fetches the shards its
+    ranks' samples fall in, whole, once; batches mix more shards than the streamed order's."""
+    stream, _ = stats(capsys, local_manifest, "--epochs", "3", "--ranks-per-node", "1")
+    r, lines = stats(capsys, local_manifest, "--epochs", "3", "--ranks-per-node", "1", "--access", "random")
+    assert r["access"] == "random" and r["no_cache"] is None and r["block_size"] == r["samples"]
+    assert "access random" in lines[1] and "none allowed" in lines[2] and "whole epoch" in lines[4]
+    assert r["shards_per_batch"]["mean"] > stream["shards_per_batch"]["mean"]
+    per_node = [read_epochs(remote, rank, 3, tmp_path / f"node{rank}", access="random") for rank in range(WORLD)]
+    gets = [sum(t["gets"] for t in node.values()) for node in per_node]
+    assert max(gets) == r["cache"]["gets_per_node"] and r["cache"]["bytes_per_dataset_per_node"] <= 1.0
 
 
 def exit_code(argv):
