@@ -7,10 +7,12 @@
 (L') the loader end to end, MAETrainTransform(224, resize="device"): its CPU side (crops, no resize)
 (M) mae_train alone on the same bytes and seeds, in memory: decode + resize + flip
 (N) the loader with a transform that returns a ready tensor: everything but decode + resize
+(Nr) (N) with access="random": each sample read alone at its byte span, one permutation per epoch
 and the parts of (N), each alone:
 (r) shard reading: ShardReader (pipelines/data/tar_reader.py, as the loader)
 (rw) the same tars through webdataset's tar_file_iterator + group_by_keys (the reader before issue 21)
 (r0) the same tars through a minimal 512-byte-header reader (no per-member dicts): the floor
+(rs) SpanReader (access="random"): every sample once in a random order, a fresh reader (header walks included)
 (g) one np.random.default_rng([seed, epoch, g]) per sample + sample_box_flip
 (g1) one generator per batch of 64, the same draws from it
 (g2) one Philox re-keyed per sample (pipelines/data/sample_rng.py, as the loader) + sample_box_flip
@@ -39,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.crop_decode import photo_jpegs  # noqa: E402
 from data_prep.cli import main as prep  # noqa: E402
 from pipelines.data.sample_rng import SampleRng  # noqa: E402
-from pipelines.data.shard_cache import ShardList, ShardReader  # noqa: E402
+from pipelines.data.shard_cache import ShardList, ShardReader, SpanReader  # noqa: E402
 from pipelines.data.transforms import MAETrainTransform, collate_samples, mae_train, sample_box_flip  # noqa: E402
 from pipelines.data.loader import StreamingLoader  # noqa: E402
 
@@ -100,9 +102,9 @@ def main():
         shards = ShardList.from_manifest(manifest)
         by_key = {}
 
-        def loader(transform):
+        def loader(transform, access="stream"):
             ld = StreamingLoader.from_manifest(manifest, batch_size=BATCH, transform=transform, num_workers=0,
-                                               drop_last=False)
+                                               drop_last=False, access=access)
 
             def run():
                 assert sum(len(b["label"]) for b in ld) >= n
@@ -116,6 +118,13 @@ def main():
                     sample = cursor.get(s, i)
                     by_key[sample["__key__"]] = sample["jpg"]
                 cursor.close()
+
+        def read_spans():
+            reader = SpanReader(shards)
+            for s, i in np.random.default_rng(0).permutation([(s, i) for s, c in enumerate(shards.counts)
+                                                              for i in range(c)]):
+                assert reader.get(int(s), int(i))["jpg"]
+            reader.close()
 
         def read_webdataset():
             from webdataset.tariterators import group_by_keys, tar_file_iterator
@@ -139,7 +148,9 @@ def main():
                 lambda: [np.random.default_rng([0, 0, i]) for i in range(n)],
                 lambda gens: [mae_train(d, g) for d, g in zip(loader_bytes, gens)]),
             "(N) loader, transform returns a ready tensor": loader(ReadyTensor()),
+            "(Nr) (N) with access=random": loader(ReadyTensor(), "random"),
             "(r) shard reading (ShardReader, tar_reader.py)": read_shards,
+            "(rs) random reads at byte spans (SpanReader)": read_spans,
             "(rw) the same tars, webdataset's iterators": read_webdataset,
             "(r0) the same tars, minimal header reader": read_plain,
             "(g) one generator per sample + box and flip":
