@@ -108,9 +108,7 @@ class _EpochStream(IterableDataset):
             epoch, remaining, block = epoch + 1, ((0, sum(self.shards.counts)),), self.next_block_size
 
     def _epoch(self, part: Partition, order: EpochOrder, worker: int):
-        batches = [[g for a, b in batch for g in range(a, b)] for batch in part.worker_batches(self.rank, worker)]
-        valid = part.valid_counts(self.rank, worker)
-        flat = [g for batch in batches for g in batch]
+        batches, valid, flat = self._run(part, worker)
         cursor, cache, start = ShardReader(self.shards, self.cache), {}, 0
         before = traffic.snapshot()  # this process's store traffic: each batch carries what it cost
         try:
@@ -125,17 +123,26 @@ class _EpochStream(IterableDataset):
                         sample = cursor.get(shard, index)
                         cache[g] = sample if sample is not None else _Missing(self.shards.urls[shard], cursor.damage)
                 start += len(positions)
-                store, before = dict(traffic.since(before), shards=cursor.store_reads), traffic.snapshot()
-                cursor.store_reads = []
+                store, before = self._store_cost(before, cursor), traffic.snapshot()
                 yield dict(self._batch(positions, n_valid, cache, order.epoch), store=store)
         finally:
             cursor.close()
 
+    def _run(self, part: Partition, worker: int):
+        """The worker's batches of the epoch (positions of G), their valid counts, and all positions in order."""
+        batches = [[g for a, b in batch for g in range(a, b)] for batch in part.worker_batches(self.rank, worker)]
+        return batches, part.valid_counts(self.rank, worker), [g for batch in batches for g in batch]
+
+    @staticmethod
+    def _store_cost(before, reader) -> dict:
+        """This process's store traffic since ``before``, with the shards the reader fetched (then forgotten)."""
+        store = dict(traffic.since(before), shards=reader.store_reads)
+        reader.store_reads = []
+        return store
+
     def _random_epoch(self, part: Partition, order: EpochOrder, worker: int):
         """access="random": each sample read alone at its byte span (`SpanReader`), in batch order."""
-        batches = [[g for a, b in batch for g in range(a, b)] for batch in part.worker_batches(self.rank, worker)]
-        valid = part.valid_counts(self.rank, worker)
-        flat = [g for batch in batches for g in batch]
+        batches, valid, flat = self._run(part, worker)
         shard_of, index_of = order.samples(flat)
         reader, start = SpanReader(self.shards, self.cache), 0
         before = traffic.snapshot()
@@ -149,8 +156,7 @@ class _EpochStream(IterableDataset):
                         sample = _Missing(self.shards.urls[shard], sample.detail, sample.reason)
                     cache[flat[j]] = sample
                 start += len(positions)
-                store, before = dict(traffic.since(before), shards=reader.store_reads), traffic.snapshot()
-                reader.store_reads = []
+                store, before = self._store_cost(before, reader), traffic.snapshot()
                 yield dict(self._batch(positions, n_valid, cache, order.epoch), store=store)
         finally:
             reader.close()
