@@ -19,6 +19,9 @@ slowest rank's reported (every rank's in the JSON):
   data      the loader's own part: build_loader (manifest read and parse) plus the wait for the
             first batch (workers start, epoch plan, shard GETs, decode, collate); the target's span
 Targets: data span of a cold first batch <= 5 s; resume within 1.2x of cold (same span).
+``--access random`` (data.access=random) reads each sample alone at its byte span, in one permutation of the
+epoch: every worker needs every shard from its first batch on, so its cold first batch waits for the node's
+shard cache to hold the whole dataset (it is refused without a cache that holds it); its rows say what that costs.
 
 store traffic: two 3-epoch runs with the ranks sharing one node's shard cache, and without a cache.
 ``bytes / dataset`` is the store bytes all ranks read (the loader's counters, summed over ranks on the
@@ -89,6 +92,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="cold + resume pairs (the median is reported)")
     ap.add_argument("--images", type=int, default=128)
     ap.add_argument("--shard-samples", type=int, default=16)
+    ap.add_argument("--access", choices=("stream", "random", "both"), default="both",
+                    help="data.access of the runs: streaming, random access (a cache holding the dataset), or both")
     ap.add_argument("--json")
     args = ap.parse_args()
     from pipelines import storage
@@ -108,56 +113,72 @@ def main() -> None:
                    TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache/torch_extensions")))
         steps_per_epoch = manifest["num_samples"] // (8 * args.ranks)
         mid = steps_per_epoch // 2
-        runs = {"cold": [], "resume": []}
-        for k in range(args.repeats):
-            out = work / f"run{k}"
-            fresh = {name: (f"data.shard_cache_dir={work / f'cache{k}-{name}'}", "data.shard_cache_bytes=1073741824")
-                     for name in ("cold", "resume")}  # each run an empty cache: a fresh node
-            print(f"repeat {k + 1}/{args.repeats}: cold, then resume at step {mid} of {steps_per_epoch}",
-                  file=sys.stderr)
-            cold = pretrain(args.ranks, env, out, f"data.train={train}", f"run.max_steps={mid}",
-                            f"run.save_every={mid}", *fresh["cold"])
-            resumed = pretrain(args.ranks, env, out, f"data.train={train}", f"run.max_steps={mid + 2}",
-                               f"run.save_every={mid}", *fresh["resume"])
-            assert cold[0]["first_batch_start"] == "cold start" and resumed[0]["first_batch_start"] == "resume"
-            runs["cold"].append(spans(cold[0]))
-            runs["resume"].append(spans(resumed[0]))
+        accesses = ("stream", "random") if args.access == "both" else (args.access,)
+        runs = {(access, kind): [] for access in accesses for kind in ("cold", "resume")}
+        for access in accesses:
+            for k in range(args.repeats):
+                out = work / f"run-{access}{k}"
+                fresh = {name: (f"data.shard_cache_dir={work / f'cache-{access}{k}-{name}'}",
+                                "data.shard_cache_bytes=1073741824")
+                         for name in ("cold", "resume")}  # each run an empty cache: a fresh node
+                print(f"access={access}, repeat {k + 1}/{args.repeats}: cold, then resume at step {mid} of "
+                      f"{steps_per_epoch}", file=sys.stderr)
+                cold = pretrain(args.ranks, env, out, f"data.train={train}", f"data.access={access}",
+                                f"run.max_steps={mid}", f"run.save_every={mid}", *fresh["cold"])
+                resumed = pretrain(args.ranks, env, out, f"data.train={train}", f"data.access={access}",
+                                   f"run.max_steps={mid + 2}", f"run.save_every={mid}", *fresh["resume"])
+                assert cold[0]["first_batch_start"] == "cold start" and resumed[0]["first_batch_start"] == "resume"
+                runs[access, "cold"].append(spans(cold[0]))
+                runs[access, "resume"].append(spans(resumed[0]))
         traffic = {}
-        for name, cached in (("shard cache, one per node", True), ("no cache", False)):
+        plans = [(f"{access}, shard cache, one per node", access, True) for access in accesses]
+        if "stream" in accesses:
+            plans.append(("stream, no cache", "stream", False))  # random access without a cache is refused
+        for name, access, cached in plans:
             print(f"3 epochs ({3 * steps_per_epoch} steps), {name}", file=sys.stderr)
-            extra = (f"data.shard_cache_dir={work / 'cache-traffic'}", "data.shard_cache_bytes=1073741824") \
+            extra = (f"data.shard_cache_dir={work / f'cache-traffic-{access}'}", "data.shard_cache_bytes=1073741824") \
                 if cached else ()
-            recs = pretrain(args.ranks, env, work / f"traffic-{int(cached)}", f"data.train={train}",
-                            f"run.max_steps={3 * steps_per_epoch}", f"run.save_every={3 * steps_per_epoch}", *extra)
+            recs = pretrain(args.ranks, env, work / f"traffic-{access}-{int(cached)}", f"data.train={train}",
+                            f"data.access={access}", f"run.max_steps={3 * steps_per_epoch}",
+                            f"run.save_every={3 * steps_per_epoch}", *extra)
             last = recs[-1]
             traffic[name] = dict(gets=last["store_gets"], bytes=last["store_bytes"], retries=last["store_retries"],
                                  shard_rereads=last["shard_rereads"], epochs=3,
                                  bytes_per_dataset=round(last["store_bytes"] / dataset_bytes, 4))
 
-    median = {kind: {s: statistics.median(r[s]["slowest"] for r in rs) for s in SPANS} for kind, rs in runs.items()}
-    ratio = {s: round(median["resume"][s] / median["cold"][s], 3) for s in SPANS}
-    cached, uncached = traffic["shard cache, one per node"], traffic["no cache"]
-    targets = {"cold first batch, data span <= 5 s": median["cold"]["data"] <= 5.0,
-               "resume within 1.2x of cold (data span)": ratio["data"] <= 1.2,
-               "3 epochs with the shard cache <= 1.05x dataset bytes per node": cached["bytes_per_dataset"] <= 1.05}
+    median = {key: {s: statistics.median(r[s]["slowest"] for r in rs) for s in SPANS} for key, rs in runs.items()}
+    ratio = {access: {s: round(median[access, "resume"][s] / median[access, "cold"][s], 3) for s in SPANS}
+             for access in accesses}
+    targets = {}
+    for access in accesses:
+        targets[f"{access}: cold first batch, data span <= 5 s"] = median[access, "cold"]["data"] <= 5.0
+        targets[f"{access}: resume within 1.2x of cold (data span)"] = ratio[access]["data"] <= 1.2
+        cached = traffic[f"{access}, shard cache, one per node"]
+        targets[f"{access}: 3 epochs with the shard cache <= 1.05x dataset bytes per node"] = \
+            cached["bytes_per_dataset"] <= 1.05
     print(f"\n{args.ranks} ranks (one process each) on one node, micro model; {manifest['num_samples']} samples in "
           f"{manifest['num_shards']} shards ({dataset_bytes / 2**20:.2f} MiB) on S3; median of {args.repeats}, "
           "slowest rank, seconds\n")
-    print("| span | cold | resume | resume / cold |\n|---|---|---|---|")
-    for s in SPANS:
-        print(f"| {s} | {median['cold'][s]:.2f} | {median['resume'][s]:.2f} | {ratio[s]:.2f} |")
-    before = {kind: median[kind]["process"] - median[kind]["loader"] for kind in median}
-    print(f"| process - loader: imports, joining the job, run lock | {before['cold']:.2f} | {before['resume']:.2f} | |")
+    print("| access | span | cold | resume | resume / cold |\n|---|---|---|---|---|")
+    for access in accesses:
+        for s in SPANS:
+            print(f"| {access} | {s} | {median[access, 'cold'][s]:.2f} | {median[access, 'resume'][s]:.2f} | "
+                  f"{ratio[access][s]:.2f} |")
+        before = {kind: median[access, kind]["process"] - median[access, kind]["loader"] for kind in ("cold", "resume")}
+        print(f"| {access} | process - loader: imports, joining the job, run lock | {before['cold']:.2f} | "
+              f"{before['resume']:.2f} | |")
     print("\n| 3 epochs | GETs | MiB | bytes / dataset | retries | shard re-reads |\n|---|---|---|---|---|---|")
     for name, t in traffic.items():
         print(f"| {name} | {t['gets']} | {t['bytes'] / 2**20:.2f} | {t['bytes_per_dataset']:.3f} | {t['retries']} | "
               f"{t['shard_rereads']} |")
-    print(f"\nno cache: {uncached['bytes_per_dataset'] / 3:.3f}x the dataset per epoch")
+    if "stream, no cache" in traffic:
+        print(f"\nno cache: {traffic['stream, no cache']['bytes_per_dataset'] / 3:.3f}x the dataset per epoch")
     for name, ok in targets.items():
         print(f"target {name}: {'met' if ok else 'MISSED'}")
     emit(dict(ranks=args.ranks, repeats=args.repeats, samples=manifest["num_samples"], shards=manifest["num_shards"],
-              dataset_bytes=dataset_bytes, preset=PRESET, median_slowest_s=median, resume_over_cold=ratio,
-              runs=runs, traffic=traffic, targets=targets), args.json)
+              dataset_bytes=dataset_bytes, preset=PRESET, access=list(accesses),
+              median_slowest_s={f"{a}/{k}": v for (a, k), v in median.items()}, resume_over_cold=ratio,
+              runs={f"{a}/{k}": v for (a, k), v in runs.items()}, traffic=traffic, targets=targets), args.json)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/manifest_scale.py [--procs 8] [--worlds 8,64] [--s3] [--json out.json]
 
 Writes a synthetic ImageNet-1k manifest in crossmae-prep's format (1,281,167 samples in 1,024
-shards, 1000 classes; the manifest only, no tars) and starts ``--procs`` processes at once, each
+shards, 1000 classes, with prep's sample index every 64 samples; the manifest only, no tars) and starts ``--procs`` processes at once, each
 one rank of a world of W. Each times what the loader computes before its first read:
   manifest  ``build_loader`` of the WebDataset manifest: the factory's format check, then
             ``ShardList.from_manifest`` (json parse through the storage layer, the shard URLs),
@@ -46,6 +46,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks._common import emit  # noqa: E402
 from data_prep.plan import make_plan, shard_name  # noqa: E402
+from data_prep.shards import SAMPLE_INDEX_EVERY  # noqa: E402
 
 IMAGENET_TRAIN = 1_281_167  # ImageNet-1k train images
 TAR_OVERHEAD = 2 * 1024  # per sample: two tar headers (.jpg, .cls) and padding
@@ -70,11 +71,13 @@ def imagenet_class_counts(num_classes: int = 1000, total: int = IMAGENET_TRAIN, 
 
 
 def synthetic_imagenet(layout: str = "prep", num_classes: int = 1000, total: int = IMAGENET_TRAIN,
-                       shard_samples: int = 1252, seed: int = 0) -> tuple[dict, list[np.ndarray]]:
+                       shard_samples: int = 1252, seed: int = 0, index_every: int = SAMPLE_INDEX_EVERY
+                       ) -> tuple[dict, list[np.ndarray]]:
     """(manifest, class of every sample of every shard in tar order) of an ImageNet-like split.
     The source listing is class-sorted (like ImageNet's per-synset archives). ``layout``:
     "prep" cuts it with crossmae-prep's own plan (data_prep.plan.make_plan: global shuffle,
-    then consecutive shards); "class-sorted" cuts it in listing order (a naive prep)."""
+    then consecutive shards); "class-sorted" cuts it in listing order (a naive prep).
+    ``index_every``: the sample index crossmae-prep writes (0: none), from the samples' sizes."""
     counts = imagenet_class_counts(num_classes, total, seed)
     labels = np.repeat(np.arange(num_classes), counts)
     sizes = np.random.default_rng(seed + 1).lognormal(np.log(110_000) - 0.125, 0.5, total).astype(np.int64)
@@ -88,6 +91,10 @@ def synthetic_imagenet(layout: str = "prep", num_classes: int = 1000, total: int
     entries = [dict(name=shard_name("train", k), num_samples=int(len(items)),
                     bytes=int(sizes[items].sum() + TAR_OVERHEAD * len(items) + 1024),
                     sha256=hashlib.sha256(f"{layout}/{k}".encode()).hexdigest()) for k, items in enumerate(shards)]
+    if index_every:
+        for entry, items in zip(entries, shards):
+            starts = np.concatenate([[0], np.cumsum(sizes[items] + TAR_OVERHEAD)[:-1]])
+            entry["sample_index"] = starts[::index_every].tolist()
     options = dict(seed=seed, shard_bytes=None, shard_samples=shard_samples, validate="header", max_size=None,
                    quality=95)
     manifest = dict(
@@ -97,6 +104,7 @@ def synthetic_imagenet(layout: str = "prep", num_classes: int = 1000, total: int
         source=dict(kind="imagenet", split="train", num_items=total, num_classes=num_classes, num_rejects=0,
                     ignored_files=0, ignored_examples=[], num_ignored_links=0, ignored_links=[], empty_classes=[],
                     renamed_duplicate_keys=0, class_counts=dict(zip(classes, counts.tolist()))),
+        **({"sample_index_every": index_every} if index_every else {}),
         options=options, tool=dict(name="crossmae-prep", version="synthetic"), num_rejected=0, rejects=[],
         num_converted=0, converted=[], num_resized=0, created="2025-01-01T00:00:00Z")
     return manifest, [labels[items] for items in shards]

@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="re-encode images whose longer side exceeds this (default: keep original bytes; wds only)")
         p.add_argument("--quality", type=_int_in(1, 100), default=90,
                        help="JPEG quality 1..100 for --max-size re-encodes (default 90)")
+        p.add_argument("--sample-index-every", type=_int_in(0), default=64,
+                       help="the manifest's sample index: the byte offset of every N-th sample of each shard, "
+                            "so a streaming reader starting mid-shard reads from there (default 64; 0: none)")
         p.add_argument("--processes", type=_int_in(1), default=1, help="parallel processes on this machine")
         p.add_argument("--num-workers", type=_int_in(1), default=None,
                        help="machines sharing the job (default: from the environment, else 1)")
@@ -238,7 +241,8 @@ def _say(split: str, res: dict, args) -> None:
 def _prepare(args) -> dict:
     opts = PrepOptions(seed=args.seed, shard_bytes=args.shard_bytes or (None if args.shard_samples else 1_000_000_000),
                        shard_samples=args.shard_samples, image=ImageOptions(args.validate, args.max_size, args.quality),
-                       processes=args.processes, num_workers=args.num_workers, worker_index=args.worker_index)
+                       processes=args.processes, num_workers=args.num_workers, worker_index=args.worker_index,
+                       sample_index_every=args.sample_index_every)
     results = []
     for split in args.splits:
         listing = (list_imagenet(args.src, split, args.follow_links) if args.command == "imagenet"
@@ -269,11 +273,15 @@ def _verify(args) -> dict:
     out = [verify(args.dst, s) for s in splits]
     for r in out:
         print(f"{r['split']}: {r['shards']} shards, {len(r['missing'])} missing, {len(r['corrupt'])} corrupt"
-              + (f" ({', '.join((r['missing'] + r['corrupt'])[:5])})" if not r["ok"] else ""), file=sys.stderr)
+              + (f", {len(r['bad_index'])} with a sample_index that does not match their samples (`crossmae-prep "
+                 f"finalize {args.dst} --splits {r['split']}` rewrites the manifest from the part records)"
+                 if r["bad_index"] else "")
+              + (f" ({', '.join((r['missing'] + r['corrupt'] + r['bad_index'])[:5])})" if not r["ok"] else ""),
+              file=sys.stderr)
     for s in unfinished:
         print(f"{s}: unfinished: _plan.json but no manifest.json (run the missing workers, then "
               f"`crossmae-prep finalize {args.dst} --splits {s}`)", file=sys.stderr)
-        out.append(dict(split=s, unfinished=True, shards=0, missing=[], corrupt=[], ok=False))
+        out.append(dict(split=s, unfinished=True, shards=0, missing=[], corrupt=[], bad_index=[], ok=False))
     return dict(splits=sorted(out, key=lambda r: r["split"]), ok=all(r["ok"] for r in out))
 
 
@@ -300,7 +308,11 @@ def _loader_stats(args) -> dict:
                "access random (one permutation of the epoch)")
             + f"; {r['nodes']} node(s) of {r['ranks_per_node']} rank(s)",
             f"store reads per epoch, no shard cache: {none['gets_per_epoch']} GETs, "
-            f"{none['bytes_per_dataset_per_epoch']:.3f}x the dataset (all nodes)" if none is not None else
+            f"{none['bytes_per_dataset_per_epoch']:.3f}x the dataset (all nodes; "
+            + (f"readers start mid-shard at the manifest's sample index, every {r['sample_index_every']} samples)"
+               if r["sample_index_every"] else "no sample index in the manifest: a reader starting mid-shard "
+               "streams it from its start; re-run crossmae-prep to write one)")
+            if none is not None else
             "store reads without a shard cache: none allowed (access random reads remote shards through the cache "
             "only; local shards are read in place)",
             f"store reads with a shard cache that holds the data: {cache['gets_per_node']} GETs, "

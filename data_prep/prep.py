@@ -13,11 +13,14 @@ crash at any point leaves either a finished shard or one that is rewritten, byte
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing as mp
 import sys
+import tarfile
 import time
 import urllib.parse
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
@@ -27,10 +30,11 @@ from tqdm import tqdm
 
 from pipelines import storage
 from pipelines.data.shard_names import ShardNameError, shard_url
+from pipelines.data.tar_reader import sample_starts
 
 from .errors import PrepError, as_prep_error
 from .plan import Shard, make_plan, plan_digest, worker_slice
-from .shards import ImageOptions, write_shard
+from .shards import SAMPLE_INDEX_EVERY, ImageOptions, write_shard
 from .sources import SourceListing, read_item
 
 
@@ -43,6 +47,7 @@ class PrepOptions:
     processes: int = 1
     num_workers: int = 1
     worker_index: int = 0
+    sample_index_every: int = SAMPLE_INDEX_EVERY  # the manifest's sample index (data_prep/shards.py); 0: none
 
 
 def tool_version() -> str:
@@ -86,11 +91,11 @@ def _is_done(split_url: str, shard: Shard, digest: str) -> bool:
 
 
 def _write_one(args) -> dict:
-    split_url, shard, items, digest, image_opts = args
+    split_url, shard, items, digest, image_opts, index_every = args
     url = storage.join(split_url, shard.name)
     try:
         storage.remove_partial_writes(url)  # a killed earlier attempt's leftovers
-        record = write_shard(url, items, read_item, image_opts)
+        record = write_shard(url, items, read_item, image_opts, index_every=index_every)
         record.update(name=shard.name, index=shard.index, plan_digest=digest)
         _put_json(storage.join(split_url, "_parts", shard.name + ".json"), record)  # only after the shard is durable
     except (OSError, MemoryError) as e:  # a write to the open shard names no file: say which one
@@ -137,7 +142,8 @@ def prepare_split(listing: SourceListing, dst: str, opts: PrepOptions, progress:
 
     mine = worker_slice(shards, opts.num_workers, opts.worker_index)
     todo = [s for s in mine if not _is_done(split_url, s, digest)]
-    jobs = [(split_url, s, [listing.items[i] for i in s.items], digest, opts.image) for s in todo]
+    jobs = [(split_url, s, [listing.items[i] for i in s.items], digest, opts.image,
+             opts.sample_index_every) for s in todo]
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=sum(len(s.items) for s in todo), unit="img", desc=f"{listing.split}", disable=not show)
     records = []
@@ -194,11 +200,16 @@ def write_manifest(split_url: str, fmt: str, plan: dict, shards: list[dict], rej
     """The one manifest schema (WebDataset and FFCV), written LAST: it marks the split complete.
     Rejects and conversions are listed (key, source path, reason); --max-size re-encodes are only
     counted (with --max-size most of ImageNet's 1.28 M images are re-encoded: a list would be huge)."""
+    # the sample index's stride: that of most shards (a resumed prep may hold parts written with another
+    # --sample-index-every, or none: those shards get no index, and are streamed from their start)
+    every = Counter(p.get("sample_index_every", 0) for p in shards).most_common(1)[0][0] if shards else 0
     manifest = dict(
         format=fmt, split=plan["split"], plan_digest=plan["plan_digest"],
         num_samples=sum(p["num_samples"] for p in shards), num_shards=len(shards),
-        shards=[dict(name=p["name"], num_samples=p["num_samples"], bytes=p["bytes"], sha256=p["sha256"])
+        shards=[dict(name=p["name"], num_samples=p["num_samples"], bytes=p["bytes"], sha256=p["sha256"],
+                     **({"sample_index": p["sample_index"]} if every and p.get("sample_index_every") == every else {}))
                 for p in shards],
+        **({"sample_index_every": every} if every else {}),
         classes=plan["classes"], class_map={c: i for i, c in enumerate(plan["classes"])},
         source=plan["source"], options=plan["options"], tool=plan["tool"],
         num_rejected=len(rejects), rejects=rejects, num_converted=len(converted), converted=converted,
@@ -250,8 +261,8 @@ def prepared_splits(dst: str) -> dict[str, set[str]]:
 
 
 def verify(dst: str, split: str, progress: bool | None = None) -> dict:
-    """Re-read every shard of a finished split; compare sizes and sha256 with the manifest."""
-    import hashlib
+    """Re-read every shard of a finished split; compare sizes and sha256 with the manifest, and its
+    sample index (if it has one) with the samples' first headers."""
 
     split_url = storage.join(dst, split)
     manifest_url = storage.join(split_url, "manifest.json")
@@ -266,19 +277,42 @@ def verify(dst: str, split: str, progress: bool | None = None) -> dict:
         raise
     except (KeyError, TypeError, ValueError) as e:
         raise PrepError(f"{manifest_url}: malformed shard list ({type(e).__name__}: {e})") from None
-    missing, corrupt = [], []
+    every = manifest.get("sample_index_every", 0)
+    indexes = [s.get("sample_index") if every and isinstance(s, dict) else None for s in manifest["shards"]]
+    missing, corrupt, bad_index = [], [], []
     show = sys.stderr.isatty() if progress is None else progress
-    for url, name, nbytes, sha256 in tqdm(listed, desc=f"verify {split}", unit="shard", disable=not show):
-        sha, n = hashlib.sha256(), 0
+    for (url, name, nbytes, sha256), index in tqdm(list(zip(listed, indexes)), desc=f"verify {split}", unit="shard",
+                                                   disable=not show):
         try:
             with storage.open_read(url) as f:
+                f = _Hashing(f)
+                starts = None
+                if index is not None:  # the sample index must name the samples' first headers
+                    try:
+                        starts = sample_starts(f)[::every]
+                    except (tarfile.TarError, ValueError):
+                        pass  # damaged: the hash says so
                 while chunk := f.read(1 << 20):
-                    sha.update(chunk)
-                    n += len(chunk)
+                    pass
         except FileNotFoundError:
             missing.append(name)
             continue
-        if n != nbytes or sha.hexdigest() != sha256:
+        if f.n != nbytes or f.sha.hexdigest() != sha256:
             corrupt.append(name)
-    return dict(split=split, shards=len(listed), num_samples=num_samples,
-                missing=missing, corrupt=corrupt, ok=not missing and not corrupt)
+        elif index is not None and starts != index:
+            bad_index.append(name)
+    return dict(split=split, shards=len(listed), num_samples=num_samples, missing=missing, corrupt=corrupt,
+                bad_index=bad_index, ok=not missing and not corrupt and not bad_index)
+
+
+class _Hashing:
+    """A reader that hashes and counts every byte read through it."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.n = f, hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.sha.update(data)
+        self.n += len(data)
+        return data

@@ -4,9 +4,12 @@ pipelines/data/loader.py applied to a manifest's shard list, by the same EpochOr
 
 The rule: each reader (one DataLoader worker of one rank) reads one contiguous stretch of the
 epoch order G, which is a run of whole blocks plus a part of a block at each end; it streams each
-shard those samples fall in forward once, from the shard's start to the last sample it needs.
-Without a cache that is one GET per reader and touched shard, and the bytes up to that sample
-(estimated as the shard's bytes x the share of its samples read, samples taken as equal in size).
+shard those samples fall in forward once, from the shard's start (or, with the manifest's sample
+index, from the indexed sample at or before its first sample) to the last sample it needs.
+Without a cache that is one GET per reader and touched shard, and the bytes from that start to
+that sample (the end estimated as the shard's bytes x the share of its samples up to it, samples
+taken as equal in size; the start is the index's exact offset), rounded up to the reader's 1 MiB
+read-ahead (pipelines/storage/s3.py READ_BUFFER): a shard smaller than that is read to its end.
 With a shard cache that holds the data, a node (``ranks_per_node`` consecutive ranks sharing one
 cache directory) GETs each shard its readers touch once, whole, over the whole run."""
 from __future__ import annotations
@@ -17,8 +20,8 @@ from pipelines.data.epoch_order import EpochOrder, Partition
 from pipelines.data.shard_cache import ShardList
 
 
-def _reader_touch(order: EpochOrder, a: int, b: int) -> dict[int, int]:
-    """{manifest shard index: last sample index read} for one reader's stretch [a, b) of G."""
+def _reader_touch(order: EpochOrder, a: int, b: int) -> dict[int, tuple[int, int]]:
+    """{manifest shard index: (first, last) sample index read} for one reader's stretch [a, b) of G."""
     bs, starts = order.block_size, np.asarray(order._starts)
     ranges, edges = [], []  # stream positions: the blocks inside [a, b) whole, the edge blocks' permuted parts
     for blk in range(a // bs, -(-b // bs)):
@@ -27,22 +30,37 @@ def _reader_touch(order: EpochOrder, a: int, b: int) -> dict[int, int]:
             ranges.append((lo, hi))
         else:
             edges.append(blk * bs + order.block_permutation(blk)[lo - blk * bs:hi - blk * bs])
-    last: dict[int, int] = {}
+    touch: dict[int, tuple[int, int]] = {}
 
-    def note(k: int, index: int) -> None:
+    def note(k: int, first: int, last: int) -> None:
         shard = order.shard_order[k]
-        last[shard] = max(last.get(shard, -1), index)
+        was = touch.get(shard, (first, last))
+        touch[shard] = (min(was[0], first), max(was[1], last))
 
     for lo, hi in ranges:
         k0, k1 = (int(np.searchsorted(starts, v, "right")) - 1 for v in (lo, hi - 1))
         for k in range(k0, k1 + 1):
-            note(k, min(hi, int(starts[k + 1])) - 1 - int(starts[k]))
+            note(k, max(lo, int(starts[k])) - int(starts[k]), min(hi, int(starts[k + 1])) - 1 - int(starts[k]))
     if edges:
         s = np.concatenate(edges)
         ks = np.searchsorted(starts, s, "right") - 1
         for k in np.unique(ks):
-            note(int(k), int((s[ks == k] - starts[k]).max()))
-    return last
+            mine = s[ks == k] - starts[k]
+            note(int(k), int(mine.min()), int(mine.max()))
+    return touch
+
+
+def _stream_bytes(shards: ShardList, sizes, counts, shard: int, first: int, last: int) -> float:
+    """Bytes a reader streams of ``shard`` to read its samples first..last (see the module's rule):
+    from its start offset to the end of the read-ahead buffer that holds its last sample."""
+    from pipelines.storage.s3 import READ_BUFFER
+
+    end = sizes[shard] * (last + 1) / counts[shard]
+    if shards.dataset_bytes is None:  # sizes unknown: samples stand in for bytes
+        return end
+    offset = shards.index_start(shard, first)[1]
+    span = max(end - offset, sizes[shard] / counts[shard])
+    return min(sizes[shard] - offset, -(-span // READ_BUFFER) * READ_BUFFER)
 
 
 def expected_reads(shards: ShardList, world: int, workers: int, batch: int, block_size: int = 512,
@@ -72,13 +90,13 @@ def expected_reads(shards: ShardList, world: int, workers: int, batch: int, bloc
                     continue
                 if access == "random":
                     hit = order.samples([g for a, b in runs for g in range(a, b)])[0]
-                    last = {int(k): int(shards.counts[k]) - 1 for k in np.unique(hit)}  # a cache fetches it whole
+                    touch = {int(k): (0, int(shards.counts[k]) - 1) for k in np.unique(hit)}  # fetched whole
                 else:
-                    last = _reader_touch(order, min(a for a, _ in runs), max(b for _, b in runs))
-                node_shards[rank // per_node].update(last)
+                    touch = _reader_touch(order, min(a for a, _ in runs), max(b for _, b in runs))
+                node_shards[rank // per_node].update(touch)
                 if epoch == 0:
-                    gets += len(last)
-                    nbytes += sum(sizes[k] * (i + 1) / counts[k] for k, i in last.items())
+                    gets += len(touch)
+                    nbytes += sum(_stream_bytes(shards, sizes, counts, k, i, j) for k, (i, j) in touch.items())
                     if rank == 0:
                         per_batch += [len({order.sample(g)[0] for a, b in ivs for g in range(a, b)})
                                       for ivs in part.worker_batches(0, worker)]
@@ -87,6 +105,7 @@ def expected_reads(shards: ShardList, world: int, workers: int, batch: int, bloc
     return dict(
         shards=len(shards.urls), samples=n, dataset_bytes=shards.dataset_bytes, world=world, workers=readers,
         batch=batch, block_size=block_size, access=access, ranks_per_node=per_node, nodes=len(node_shards),
+        sample_index_every=shards.index_every if any(shards.index) else 0,
         epochs=epochs,
         no_cache=None if access == "random" else dict(
             gets_per_epoch=int(gets), bytes_per_epoch=int(nbytes) if shards.dataset_bytes else None,

@@ -16,6 +16,7 @@ import io
 import json
 import os
 import resource
+import sys
 import tarfile
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -39,6 +40,17 @@ class ShardList:
     urls: tuple[str, ...]
     counts: tuple[int, ...]
     sizes: tuple[int, ...] = ()  # bytes per shard, from a manifest (empty: unknown)
+    # The manifest's sample index (crossmae-prep writes it): per shard, the byte offsets of its samples
+    # 0, every, 2 * every, ... (an empty tuple: that shard has none; ``index_every`` 0: no shard has).
+    index_every: int = 0
+    index: tuple[tuple[int, ...], ...] = ()
+
+    def index_start(self, shard: int, index: int) -> tuple[int, int]:
+        """(sample, byte offset) to start reading ``shard`` at to reach its sample ``index``: the
+        indexed sample at or before it, or (0, 0) without an index."""
+        offsets = self.index[shard] if self.index_every and self.index else ()
+        k = min(index // self.index_every, len(offsets) - 1) if offsets else 0
+        return (k * self.index_every, offsets[k]) if k > 0 else (0, 0)
 
     @property
     def dataset_bytes(self) -> int | None:
@@ -62,7 +74,8 @@ class ShardList:
             if n < 0:
                 raise ValueError(f"{manifest_url}: bad shard entry {name!r} ({n} samples)")
         urls = tuple(shard_url(manifest_url, name) for name, _ in shards)  # refuses names leaving the folder
-        return cls(urls, tuple(n for _, n in shards), sizes)
+        every, index = _sample_index(manifest_url, m, shards, sizes)
+        return cls(urls, tuple(n for _, n in shards), sizes, every, index)
 
     @classmethod
     def from_pattern(cls, pattern: str) -> "ShardList":
@@ -82,6 +95,27 @@ class ShardList:
         return cls.from_manifest(spec) if spec.endswith(".json") else cls.from_pattern(spec)
 
 
+def _sample_index(manifest_url: str, m: dict, shards: list, sizes: tuple) -> tuple[int, tuple]:
+    """The manifest's ``sample_index_every`` and per-shard ``sample_index``, checked: a damaged one is
+    refused (it would start readers at the wrong bytes), a missing one is no index."""
+    every = m.get("sample_index_every", 0)
+    if not every:
+        return 0, ()
+    if type(every) is not int or every < 1:
+        raise ValueError(f"{manifest_url}: bad sample_index_every {every!r} (a positive integer)")
+    index = []
+    for k, (entry, (name, n)) in enumerate(zip(m["shards"], shards)):
+        offsets = entry.get("sample_index", []) if isinstance(entry, dict) else None
+        if not isinstance(offsets, list) or any(type(o) is not int for o in offsets) or (offsets and (
+                len(offsets) != -(-n // every) or offsets[0] != 0
+                or any(b <= a for a, b in zip(offsets, offsets[1:]))
+                or (sizes and offsets[-1] >= sizes[k]))):
+            raise ValueError(f"{manifest_url}: bad sample_index of shard {name!r} (want {-(-n // every)} rising "
+                             f"byte offsets from 0, one per {every} samples; `crossmae-prep finalize` rewrites the manifest)")
+        index.append(tuple(offsets))
+    return every, tuple(index)
+
+
 class ShardReader:
     """Reads samples of one epoch's shard stream forward, skipping (not decoding) what it passes.
     ``store_reads``: the shards it read from the object store (not from the cache), in order."""
@@ -89,23 +123,32 @@ class ShardReader:
     def __init__(self, shards: ShardList, cache: ShardCache | None = None):
         self.shards, self.shard, self.next_index, self.samples, self.file = shards, None, 0, None, None
         self.cache, self.damage, self.store_reads = cache, "", []
+        self.first, self.index_misses = 0, set()  # the sample the open started at; shards whose index failed
 
-    def _open(self, shard: int) -> None:
+    def _open(self, shard: int, index: int = 0) -> None:
+        """Open ``shard`` to read on to its sample ``index``: from the manifest's sample index at or
+        before it (a ranged GET from the store, a seek in a local or cached file), else from the start."""
         self.close()
         url = self.shards.urls[shard]
-        self.file = self.cache.open(url) if self.cache else storage.open_read(url)
-        from_store = self.cache.fetched if self.cache else is_remote(url)
+        first, offset = (0, 0) if shard in self.index_misses else self.shards.index_start(shard, index)
+        if self.cache:
+            self.file = self.cache.open(url)
+            from_store = self.cache.fetched
+            if offset:
+                self.file.seek(offset)
+        else:
+            self.file, from_store = storage.open_read(url, offset), is_remote(url)
         if from_store:
             self.store_reads.append(shard)
         self.samples = tar_samples(self.file, url)
-        self.shard, self.next_index, self.damage = shard, 0, ""
+        self.shard, self.next_index, self.first, self.damage = shard, first, first, ""
 
     def get(self, shard: int, index: int) -> dict | None:
         """The sample, or None past the readable end of the shard (``self.damage`` says why)."""
         if shard == self.shard and self.damage and index >= self.readable:
             return None  # known to be past the damage: no second read of the shard
         if shard != self.shard or index < self.next_index:
-            self._open(shard)
+            self._open(shard, index)
         sample = None
         while self.next_index <= index:
             read, error = self.next_index, ""
@@ -113,6 +156,13 @@ class ShardReader:
                 sample = next(self.samples, None)
             except (tarfile.TarError, ValueError) as e:  # truncated / damaged tar: the rest of the shard is unreadable
                 sample, error = None, f" ({type(e).__name__}: {e})"
+            if sample is None and read == self.first > 0:  # no sample where the manifest's index points
+                self.index_misses.add(shard)
+                print(f"warning: {self.shards.urls[shard]}: no sample {read} at the byte offset the manifest's "
+                      f"sample_index gives{error}; reading the shard from its start instead (crossmae-prep "
+                      "verify checks the index)", file=sys.stderr)
+                self._open(shard)
+                continue
             self.next_index += 1
             if sample is None:  # shard shorter than the manifest says
                 self.next_index = self.shards.counts[shard] + 1

@@ -194,6 +194,18 @@ def sample_spans(f: BinaryIO, url: str) -> tuple[list[tuple[int, int]], str]:
     return [(a, b) for a, b in spans], ""
 
 
+def sample_starts(f: BinaryIO) -> list[int]:
+    """The byte offset of each sample's first header in a plain tar read forward (a stream: the data is
+    read, not sought over), grouped by key as `tar_samples` groups them; damage raises as there."""
+    starts, key = [], None
+    for name, _, start, _ in _walk(f, None):
+        match = _KEY.match(name)
+        if match and match.group(1) != key:
+            key = match.group(1)
+            starts.append(start)
+    return starts
+
+
 def tar_samples(f: BinaryIO, url: str) -> Iterator[dict]:
     """One dict per sample: ``__key__``, ``__url__`` and one bytes value per extension (lower case)."""
     head = f.peek(6)[:6] if hasattr(f, "peek") else b""

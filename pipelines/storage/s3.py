@@ -34,6 +34,7 @@ from pipelines.storage import traffic
 from pipelines.storage.errors import StorageError, StorageNotFoundError
 
 MB = 1 << 20
+READ_BUFFER = MB  # open_read's buffer: a reader's GET body is read this much at a time (read-ahead)
 MULTIPART_THRESHOLD = 64 * MB  # below: one PUT; above: parts uploaded in parallel
 PART_SIZE = 16 * MB  # s3transfer raises it when 10,000 parts would not fit, and to >= 5 MiB
 MAX_CONCURRENCY = 8  # parts in flight per upload
@@ -310,7 +311,7 @@ def read(url, bucket, key, start, end) -> bytes:
 def open_read(url, bucket, key, start):
     raw = S3Reader(url, bucket, key, start)
     raw.ensure_open()
-    return io.BufferedReader(raw, buffer_size=MB)
+    return io.BufferedReader(raw, buffer_size=READ_BUFFER)
 
 
 def _transfer(threshold, part_size) -> TransferConfig:

@@ -80,6 +80,7 @@ class Event:
     method: str
     path: str
     fault: str | None  # the fault injected into this request, None if served normally
+    range: str | None = None  # the request's Range header (a ranged GET), None if it had none
 
 
 @dataclass
@@ -219,11 +220,11 @@ class FaultProxy:
                     return kind
             return None
 
-    def _record(self, method: str, path: str, fault: str | None) -> None:
+    def _record(self, method: str, path: str, fault: str | None, range_: str | None = None) -> None:
         with self._lock:
             if fault:
                 self.injected[fault] += 1
-            self.events.append(Event(method, path, fault))
+            self.events.append(Event(method, path, fault, range_))
 
     def _accept(self) -> None:
         while True:
@@ -260,7 +261,7 @@ class FaultProxy:
                 time.sleep(self.faults.delay_s)
             upstream = socket.create_connection(self.upstream, timeout=TIMEOUT)
             upstream.sendall(req.rewritten(drop=("connection", "keep-alive", "expect")) + body)
-            self._relay(_Reader(upstream), client, method, path, fault)
+            self._relay(_Reader(upstream), client, method, path, fault, req.headers.get("range"))
         except OSError:  # the client or the server went away: nothing more to do for this connection
             client.close()
         finally:
@@ -277,14 +278,15 @@ class FaultProxy:
         client.sendall(head + (b"" if method == "HEAD" else body))
         client.close()
 
-    def _relay(self, upstream: _Reader, client: socket.socket, method: str, path: str, fault: str | None) -> None:
+    def _relay(self, upstream: _Reader, client: socket.socket, method: str, path: str, fault: str | None,
+               range_: str | None = None) -> None:
         resp = _Message.parse(upstream.head() or b"HTTP/1.1 502 Bad Gateway")
         status = int(resp.start[1])
         length = resp.headers.get("content-length")
         has_body = method != "HEAD" and status not in (204, 304) and length is not None and int(length) >= 2
         if fault == "truncate" and not has_body:
             fault = None  # nothing to truncate: served normally, not counted
-        self._record(method, path, fault)
+        self._record(method, path, fault, range_)
         if fault == "reset" and not has_body:
             return _reset(client)  # the server acted; its answer is lost
         if method == "HEAD" or status in (204, 304):
