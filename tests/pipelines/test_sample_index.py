@@ -13,7 +13,7 @@ import torch
 from data_prep.cli import main as prep
 from pipelines import storage
 from pipelines.data.loader import StreamingLoader
-from pipelines.data.shard_cache import ShardList, ShardReader
+from pipelines.data.shard_cache import ShardCache, ShardList, ShardReader
 from pipelines.data.tar_reader import sample_spans
 from pipelines.data.transforms import MAETrainTransform
 from tests.data_prep.fixtures import make_image_folder
@@ -79,13 +79,15 @@ def remote(split, s3_bucket, s3_env, monkeypatch):
         yield base, proxy
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
-def test_a_reader_starting_anywhere_in_a_shard_reads_the_samples_it_reads_without_the_index(split, remote, where):
+@pytest.mark.parametrize("where", ["local", "s3", "s3 through the shard cache"])
+def test_a_reader_starting_anywhere_in_a_shard_reads_the_samples_it_reads_without_the_index(split, remote, where,
+                                                                                             tmp_path):
     base = str(split) if where == "local" else remote[0]
     indexed = ShardList.from_manifest(f"{base}/manifest.json")
     plain = ShardList.from_manifest(f"{base}/noindex.json")
     assert indexed.index_every == EVERY and plain.index_every == 0 and indexed.urls == plain.urls
-    a, b = ShardReader(indexed), ShardReader(plain)
+    cache = ShardCache(str(tmp_path / "cache"), 1 << 30) if "cache" in where else None  # a seek in the copy
+    a, b = ShardReader(indexed, cache), ShardReader(plain)
     wanted = [(k, i) for k in range(len(indexed.urls)) for i in range(indexed.counts[k])]
     random.Random(0).shuffle(wanted)
     for k, i in wanted[:40] + [(0, SHARD - 1), (0, 0), (1, 5), (1, 6), (1, 4)]:
