@@ -20,8 +20,9 @@ slowest rank's reported (every rank's in the JSON):
             first batch (workers start, epoch plan, shard GETs, decode, collate); the target's span
 Targets: data span of a cold first batch <= 5 s; resume within 1.2x of cold (same span).
 ``--access random`` (data.access=random) reads each sample alone at its byte span, in one permutation of the
-epoch: every worker needs every shard from its first batch on, so its cold first batch waits for the node's
-shard cache to hold the whole dataset (it is refused without a cache that holds it); its rows say what that costs.
+epoch, through a node shard cache that can hold the dataset (refused without one): its first batch draws from
+the whole epoch, so a cold start waits for the shards of that batch's samples (here all of them; at ImageNet
+size ~226 of 1,024 for a batch of 256), where streaming waits for one shard per worker.
 
 store traffic: two 3-epoch runs with the ranks sharing one node's shard cache, and without a cache.
 ``bytes / dataset`` is the store bytes all ranks read (the loader's counters, summed over ranks on the

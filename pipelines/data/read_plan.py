@@ -50,17 +50,17 @@ def _reader_touch(order: EpochOrder, a: int, b: int) -> dict[int, tuple[int, int
     return touch
 
 
-def _stream_bytes(shards: ShardList, sizes, counts, shard: int, first: int, last: int) -> float:
+def _stream_bytes(shards: ShardList, sizes, counts, shard: int, first: int, last: int,
+                  read_ahead: int | None) -> float:
     """Bytes a reader streams of ``shard`` to read its samples first..last (see the module's rule):
-    from its start offset to the end of the read-ahead buffer that holds its last sample."""
-    from pipelines.storage.s3 import READ_BUFFER
-
+    from its start offset to the end of the read-ahead buffer that holds its last sample.
+    ``read_ahead`` None: the shards' sizes are unknown and samples stand in for bytes."""
     end = sizes[shard] * (last + 1) / counts[shard]
-    if shards.dataset_bytes is None:  # sizes unknown: samples stand in for bytes
+    if read_ahead is None:
         return end
     offset = shards.index_start(shard, first)[1]
     span = max(end - offset, sizes[shard] / counts[shard])
-    return min(sizes[shard] - offset, -(-span // READ_BUFFER) * READ_BUFFER)
+    return min(sizes[shard] - offset, -(-span // read_ahead) * read_ahead)
 
 
 def expected_reads(shards: ShardList, world: int, workers: int, batch: int, block_size: int = 512,
@@ -72,7 +72,11 @@ def expected_reads(shards: ShardList, world: int, workers: int, batch: int, bloc
     n, readers, per_node = sum(shards.counts), max(1, workers), ranks_per_node or world
     if access == "random":
         block_size = n
-    sizes = np.asarray(shards.sizes if shards.dataset_bytes is not None else shards.counts, dtype=np.float64)
+    from pipelines.storage.s3 import READ_BUFFER  # here, not at import: loader-stats on local data needs no boto3
+
+    known = shards.dataset_bytes is not None
+    read_ahead = READ_BUFFER if known else None
+    sizes = np.asarray(shards.sizes if known else shards.counts, dtype=np.float64)
     counts = np.maximum(np.asarray(shards.counts, dtype=np.float64), 1)
     part = Partition(((0, n),), world, readers, batch, True)
     if part.batches_per_rank == 0:
@@ -96,7 +100,8 @@ def expected_reads(shards: ShardList, world: int, workers: int, batch: int, bloc
                 node_shards[rank // per_node].update(touch)
                 if epoch == 0:
                     gets += len(touch)
-                    nbytes += sum(_stream_bytes(shards, sizes, counts, k, i, j) for k, (i, j) in touch.items())
+                    nbytes += sum(_stream_bytes(shards, sizes, counts, k, i, j, read_ahead)
+                                  for k, (i, j) in touch.items())
                     if rank == 0:
                         per_batch += [len({order.sample(g)[0] for a, b in ivs for g in range(a, b)})
                                       for ivs in part.worker_batches(0, worker)]
