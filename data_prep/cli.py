@@ -27,6 +27,7 @@ import tarfile
 import traceback
 import urllib.parse
 
+from pipelines.data import crop_decode
 from pipelines.data.shard_names import ShardNameError
 
 from .errors import PrepError, UsageError, describe
@@ -115,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--sample-index-every", type=_int_in(0), default=64,
                        help="the manifest's sample index: the byte offset of every N-th sample of each shard, "
                             "so a streaming reader starting mid-shard reads from there (default 64; 0: none)")
+        p.add_argument("--jpeg-restarts", action="store_true",
+                       help="rewrite each JPEG losslessly (same DCT coefficients, same pixels; optimized Huffman "
+                            "tables, metadata kept) with restart markers every ~64 px of each MCU row, so the "
+                            "loader decodes only the crop's cells (~4 ms CPU per image here; see README)")
         p.add_argument("--processes", type=_int_in(1), default=1, help="parallel processes on this machine")
         p.add_argument("--num-workers", type=_int_in(1), default=None,
                        help="machines sharing the job (default: from the environment, else 1)")
@@ -180,6 +185,11 @@ def _door_problem(args) -> str | None:
         return f"argument --splits: ImageNet splits are train and val, not {','.join(args.splits)}"
     if args.format == "ffcv" and args.max_size:
         return "argument --max-size: re-encodes WebDataset samples only; with --format ffcv use --ffcv-max-resolution"
+    if args.format == "ffcv" and args.jpeg_restarts:
+        return "argument --jpeg-restarts: rewrites WebDataset samples only; FFCV stores its own re-encoded images"
+    if args.jpeg_restarts and crop_decode.EXTENSION_ERROR is not None:
+        return (f"argument --jpeg-restarts: needs the C extension pipelines.data._crop_decode, which is not built "
+                f"({crop_decode.EXTENSION_ERROR}); reinstall where libjpeg62-turbo-dev is installed")
     if args.format == "ffcv" and args.num_workers > 1:
         return "argument --num-workers: FFCV output is one file per split; use --processes, not several workers"
     if args.summary_json and not os.path.isdir(os.path.dirname(os.path.abspath(args.summary_json))):
@@ -218,6 +228,17 @@ def _warn_listing(listing, args) -> None:
               "(all in manifest.json source.empty_classes)", file=sys.stderr)
 
 
+def _restarts_said(r: dict | None) -> str:
+    """--jpeg-restarts' part of the summary line: how many have restart markers, which kept their
+    original bytes and why (those decode as before: the whole JPEG's Huffman pass)."""
+    if not r:
+        return ""
+    kept = sum(r["kept"].values())
+    ratio = f"{r['bytes_after'] / r['bytes_before']:.3f}x the bytes" if r["bytes_before"] else "no bytes"
+    return (f", {r['transcoded']} with restart markers ({ratio})"
+            + (f", {kept} kept without them ({', '.join(f'{k} {n}' for k, n in r['kept'].items())})" if kept else ""))
+
+
 def _say(split: str, res: dict, args) -> None:
     """The split's one summary line on stderr: everything written, skipped, changed or left out."""
     if res.get("complete") and not res["written_shards"]:
@@ -227,6 +248,7 @@ def _say(split: str, res: dict, args) -> None:
                 f"({res['skipped_shards']} already done), {res.get('converted', 0)} converted"
                 + (f", {res.get('resized', 0)} resized" if args.max_size else "")
                 + f", {res.get('rejected', 0)} rejected" + (" (listed in manifest.json)" if res.get("rejected") else "")
+                + _restarts_said(res.get("restarts"))
                 + f", {res.get('seconds', 0)} s")
     if res.get("ignored"):
         line += (f"; {res['ignored']} ignored (not images, hidden or links: "
@@ -240,7 +262,8 @@ def _say(split: str, res: dict, args) -> None:
 
 def _prepare(args) -> dict:
     opts = PrepOptions(seed=args.seed, shard_bytes=args.shard_bytes or (None if args.shard_samples else 1_000_000_000),
-                       shard_samples=args.shard_samples, image=ImageOptions(args.validate, args.max_size, args.quality),
+                       shard_samples=args.shard_samples, image=ImageOptions(args.validate, args.max_size, args.quality,
+                                                                              args.jpeg_restarts),
                        processes=args.processes, num_workers=args.num_workers, worker_index=args.worker_index,
                        sample_index_every=args.sample_index_every)
     results = []

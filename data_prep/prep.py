@@ -128,6 +128,8 @@ def prepare_split(listing: SourceListing, dst: str, opts: PrepOptions, progress:
                        opts.shard_samples)
     options = dict(seed=opts.seed, shard_bytes=opts.shard_bytes, shard_samples=opts.shard_samples,
                    **asdict(opts.image))
+    if not options["restarts"]:  # absent unless asked for: the digests of plans made before it stay the same
+        del options["restarts"]
     digest = plan_digest(keys, shards, options)
     if _json(storage.join(split_url, "manifest.json")) is not None:
         existing = _json(storage.join(split_url, "manifest.json"))
@@ -161,10 +163,23 @@ def prepare_split(listing: SourceListing, dst: str, opts: PrepOptions, progress:
                                                                        else 0),
                    converted=sum(len(r["converted"]) for r in records),
                    resized=sum(r.get("num_resized", 0) for r in records),
+                   **(dict(restarts=merge_restarts(records)) if opts.image.restarts else {}),
                    seconds=round(time.time() - t0, 3))
     if opts.num_workers == 1:
         summary["manifest_samples"] = finalize(dst, listing.split)["num_samples"]
     return summary
+
+
+def merge_restarts(parts: list[dict]) -> dict | None:
+    """The --jpeg-restarts counts of these part records, added up (None: none was written with it)."""
+    recs = [p["restarts"] for p in parts if "restarts" in p]
+    if not recs:
+        return None
+    kept = Counter()
+    for r in recs:
+        kept.update(r["kept"])
+    return dict(transcoded=sum(r["transcoded"] for r in recs), kept=dict(sorted(kept.items())),
+                bytes_before=sum(r["bytes_before"] for r in recs), bytes_after=sum(r["bytes_after"] for r in recs))
 
 
 def finalize(dst: str, split: str) -> dict:
@@ -214,6 +229,8 @@ def write_manifest(split_url: str, fmt: str, plan: dict, shards: list[dict], rej
         source=plan["source"], options=plan["options"], tool=plan["tool"],
         num_rejected=len(rejects), rejects=rejects, num_converted=len(converted), converted=converted,
         num_resized=num_resized,
+        # --jpeg-restarts: samples rewritten with restart markers, and those kept as they were (reason -> n)
+        **({"jpeg_restarts": merge_restarts(shards)} if any("restarts" in p for p in shards) else {}),
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
     _put_json(storage.join(split_url, "manifest.json"), manifest)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from pipelines import storage
+from pipelines.data.crop_decode import add_restarts
 
 from .images import Checked, check_image
 
@@ -132,6 +133,7 @@ class ImageOptions:
     validate: str = "header"  # "header" | "decode"
     max_size: int | None = None  # longer side; None keeps originals
     quality: int = 90
+    restarts: bool = False  # --jpeg-restarts: lossless rewrite with restart markers (pipelines/data/crop_decode.py)
 
 
 def write_shard(url: str, items: list, read: Callable, opts: ImageOptions, progress: Callable[[int], None] = None,
@@ -139,6 +141,7 @@ def write_shard(url: str, items: list, read: Callable, opts: ImageOptions, progr
     """Write the items (SourceItems) to ``url``; return the shard's part record (with the byte offset of
     every ``index_every``-th sample; 0: none)."""
     status, rejects, converted, count, resized, index = Counter(), [], [], 0, 0, []
+    restarts = dict(transcoded=0, kept={}, bytes_before=0, bytes_after=0)
     with storage.open_write(url) as sink:
         out = _HashingWriter(sink)
         try:
@@ -155,6 +158,8 @@ def write_shard(url: str, items: list, read: Callable, opts: ImageOptions, progr
                     converted.append(dict(key=item.key, path=item.location, reason=checked.reason))
                 if checked.data is not None:
                     data = checked.data  # written in pieces: no copy of the JPEG bytes
+                    if opts.restarts:
+                        data = _with_restarts(data, restarts)
                     if index_every and count % index_every == 0:
                         index.append(out.bytes)
                     out.write(tar_header(f"{item.key}.jpg", len(data)), data, b"\0" * (-len(data) % 512),
@@ -167,4 +172,20 @@ def write_shard(url: str, items: list, read: Callable, opts: ImageOptions, progr
             out.close()  # every byte written (or the writer's error raised) before the shard is made durable
     return dict(num_samples=count, bytes=out.bytes, sha256=out.sha.hexdigest(), status=dict(status),
                 **(dict(sample_index=index, sample_index_every=index_every) if index_every else {}),
+                **(dict(restarts=restarts) if opts.restarts else {}),
                 rejects=rejects, converted=converted, num_resized=resized)
+
+
+def _with_restarts(data: bytes, counts: dict) -> bytes:
+    """The JPEG with restart markers (lossless), or the original bytes when it cannot have them;
+    counted in the part record either way (kept: reason -> samples)."""
+    out = add_restarts(data)
+    counts["bytes_before"] += len(data)
+    if isinstance(out, str):
+        reason = out.split(":", 1)[0]
+        counts["kept"][reason] = counts["kept"].get(reason, 0) + 1
+        out = data
+    else:
+        counts["transcoded"] += 1
+    counts["bytes_after"] += len(out)
+    return out

@@ -84,3 +84,8 @@ def test_loader_benchmark_issue21_rows_smoke(tmp_path):
                           "(w2) (b) through 2 worker processes"}
     assert all(v > 0 for v in rates.values())
     assert "(b) vs (f) decode only" in proc.stdout and "(w2) / (2 x (w1))" in proc.stdout
+
+
+def test_loader_overhead_smoke():
+    out = run("benchmarks/loader_overhead.py", "--images", "64", "--rounds", "1").stdout
+    assert "(Lr) (L) on --jpeg-restarts shards" in out and "64 of 64 rewritten" in out, out[-1500:]
