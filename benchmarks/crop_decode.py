@@ -9,6 +9,8 @@ by side in one run (each image through every pipeline in turn; the fastest of --
 (p) partial decode, decode only: header + box + pipelines.data.crop_decode.decode_crop
 (T) today's mae_train: (t) + antialiased bicubic resize to 224 + flip into (3, 224, 224)
 (P) (p) + the same resize and flip: what mae_train becomes with the partial decode
+(c), (C) (p) and (P) on the same images rewritten by `crossmae-prep --jpeg-restarts` (lossless):
+    decode_crop cuts a JPEG of the box's restart cells first, so only they are Huffman-decoded
 Images: photo-like q90 JPEGs (smooth colour waves + sensor grain, sigma 12) at ImageNet's
 typical sizes, 500x375 etc., ~73 KB. MAE: mean abs error (of 255) of (T) and (P) vs torchvision
 F.resized_crop(bicubic, antialias) of the full-resolution decode on the same box.
@@ -53,8 +55,9 @@ def partial_train(data: bytes, rng, out: torch.Tensor) -> torch.Tensor:
     return _to_chw(_resize(region.pixels, SIZE, SIZE), out, flip)
 
 
-def pipelines(jpegs: list[bytes]) -> dict:
-    """name -> f(i, data): one image through that pipeline, boxes seeded by the image index."""
+def pipelines(jpegs: list[bytes], rewritten: list[bytes]) -> dict:
+    """name -> f(i, data): one image through that pipeline, boxes seeded by the image index
+    ((c), (C): on rewritten[i], the same image with restart markers)."""
     out = torch.empty(3, SIZE, SIZE, dtype=torch.uint8)
 
     def today(i, d):
@@ -68,7 +71,9 @@ def pipelines(jpegs: list[bytes]) -> dict:
     return {"(f) full decode only (simplejpeg)": lambda i, d: simplejpeg.decode_jpeg(d, "RGB"),
             "(t) today's crop path, decode only": today, "(p) partial decode, decode only": partial,
             "(T) today's mae_train (decode + resize)": lambda i, d: mae_train(d, np.random.default_rng(i), out=out),
-            "(P) partial decode + resize": lambda i, d: partial_train(d, np.random.default_rng(i), out)}
+            "(P) partial decode + resize": lambda i, d: partial_train(d, np.random.default_rng(i), out),
+            "(c) --jpeg-restarts, cut + partial decode, decode only": lambda i, d: partial(i, rewritten[i]),
+            "(C) --jpeg-restarts, (c) + resize": lambda i, d: partial_train(rewritten[i], np.random.default_rng(i), out)}
 
 
 def interleaved_rates(runs: dict, jpegs: list[bytes], rounds: int) -> dict[str, float]:
@@ -94,13 +99,14 @@ def interleaved_rates(runs: dict, jpegs: list[bytes], rounds: int) -> dict[str, 
     return {k: len(jpegs) / v.sum() * 1e9 for k, v in best.items()}
 
 
-def reference_mae(jpegs: list[bytes], n: int) -> dict[str, float]:
-    """Mean abs error (of 255) of (T) and (P) vs torchvision's resized_crop on the full decode,
-    same box and flip; and the share of images whose partial pixels equal today's exactly."""
+def reference_mae(jpegs: list[bytes], rewritten: list[bytes], n: int) -> dict[str, float]:
+    """Mean abs error (of 255) of (T), (P) and (C) vs torchvision's resized_crop on the full
+    decode, same box and flip; and the share of images whose partial pixels equal today's
+    exactly, and whose cut pixels equal the partial decode's."""
     import torchvision.transforms.functional as TF
 
-    err = {"(T)": 0.0, "(P)": 0.0}
-    same = 0
+    err = {"(T)": 0.0, "(P)": 0.0, "(C)": 0.0}
+    same = same_cut = 0
     for i, d in enumerate(jpegs[:n]):
         H, W = image_size(d)
         box, flip = sample_box_flip(H, W, np.random.default_rng(i))
@@ -110,9 +116,12 @@ def reference_mae(jpegs: list[bytes], n: int) -> dict[str, float]:
         today = mae_train(d, np.random.default_rng(i)).int()
         partial = partial_train(d, np.random.default_rng(i), torch.empty(3, SIZE, SIZE, dtype=torch.uint8)).int()
         err["(T)"] += (today - ref).abs().float().mean().item() / n
+        cut = partial_train(rewritten[i], np.random.default_rng(i), torch.empty(3, SIZE, SIZE, dtype=torch.uint8)).int()
         err["(P)"] += (partial - ref).abs().float().mean().item() / n
+        err["(C)"] += (cut - ref).abs().float().mean().item() / n
         same += bool(torch.equal(today, partial))
-    return dict(err, identical_fraction=same / n)
+        same_cut += bool(torch.equal(cut, partial))
+    return dict(err, identical_fraction=same / n, cut_identical_fraction=same_cut / n)
 
 
 def main():
@@ -130,8 +139,9 @@ def main():
     jpegs = photo_jpegs(args.images, shapes)
     kb = np.mean([len(d) for d in jpegs]) / 1000
     print(f"{len(jpegs)} JPEGs {', '.join(f'{w}x{h}' for w, h in shapes)} q90, mean {kb:.1f} KB, one core")
-    rate = interleaved_rates(pipelines(jpegs), jpegs, args.rounds)
-    mae = reference_mae(jpegs, min(200, len(jpegs)))
+    rewritten = [crop_decode.add_restarts(d) for d in jpegs]
+    rate = interleaved_rates(pipelines(jpegs, rewritten), jpegs, args.rounds)
+    mae = reference_mae(jpegs, rewritten, min(200, len(jpegs)))
     scales = np.bincount([crop_decode.decode_crop(d, sample_box_flip(*image_size(d), np.random.default_rng(i))[0],
                                                   SIZE).scale for i, d in enumerate(jpegs)], minlength=9)
     full = rate["(f) full decode only (simplejpeg)"]
@@ -144,9 +154,15 @@ def main():
           f"partial pixels identical to today's on {100 * mae['identical_fraction']:.0f}% of images; "
           f"DCT scale 1/1, 1/2, 1/4, 1/8: {scales[1]}, {scales[2]}, {scales[4]}, {scales[8]} images; "
           f"fallbacks: {dict(crop_decode.FALLBACKS) or 'none'}")
+    c, C = rate["(c) --jpeg-restarts, cut + partial decode, decode only"], rate["(C) --jpeg-restarts, (c) + resize"]
+    print(f"--jpeg-restarts: cut vs partial decode {c / p:.2f}x, with the resize {C / P:.2f}x; vs full decode "
+          f"{c / full:.2f}x and {C / full:.2f}x; cut pixels identical to the partial decode's on "
+          f"{100 * mae['cut_identical_fraction']:.0f}% of images; the rewritten JPEGs are "
+          f"{sum(map(len, rewritten)) / sum(map(len, jpegs)):.3f}x the bytes; decodes by path: {crop_decode.cut_counts()}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(images=len(jpegs), rounds=args.rounds, mean_kb=kb, shapes=shapes, img_per_s=rate, mae=mae,
+                           restart_bytes_ratio=sum(map(len, rewritten)) / sum(map(len, jpegs)),
                            fallbacks=dict(crop_decode.FALLBACKS), command=" ".join(sys.argv)), f, indent=1)
     return 0
 

@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "so a streaming reader starting mid-shard reads from there (default 64; 0: none)")
         p.add_argument("--jpeg-restarts", action="store_true",
                        help="rewrite each JPEG losslessly (same DCT coefficients, same pixels; optimized Huffman "
-                            "tables, metadata kept) with restart markers every ~64 px of each MCU row, so the "
+                            "tables, metadata kept) with restart markers every ~32 px of each MCU row, so the "
                             "loader decodes only the crop's cells (~4 ms CPU per image here; see README)")
         p.add_argument("--processes", type=_int_in(1), default=1, help="parallel processes on this machine")
         p.add_argument("--num-workers", type=_int_in(1), default=None,

@@ -11,12 +11,18 @@
  * Same decoder settings as simplejpeg's default (TurboJPEG: ISLOW IDCT, fancy upsampling),
  * so the pixels are the full decode's, bit for bit (tests/pipelines/test_crop_decode.py).
  *
+ * A JPEG with restart markers that tile its MCU grid (crossmae-prep --jpeg-restarts: transcode_restarts
+ * below) is first cut, without decoding, into a smaller JPEG of just the restart cells around the box
+ * (the restart-marker cut, below), so even the Huffman pass skips the rest.
+ *
  * Python: decode_into(data, out, height, width, k, y0, x0, h, w) -> None | str
  *   data: the JPEG (any bytes-like); out: writable C-contiguous buffer of h*w*3 bytes;
  *   (height, width): the header's size (checked); k in {1, 2, 4, 8}; (y0, x0, h, w): the box
  *   in the 1/k-scale image. Returns None on success, else why it refused ("progressive",
  *   "CMYK", "12-bit", "arithmetic", "components", "corrupt: <libjpeg's message>", ...): the
  *   caller falls back to the full decode and counts the reason. The GIL is released.
+ * Also transcode_restarts(data, cell_px=32) -> bytes | reason, restart_cells(data) -> grid | None,
+ * cut_box(data, y0, x0, h, w) -> (jpeg, top, left) | None (decode="gpu"), cut_counts() -> dict.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -284,6 +290,22 @@ static size_t cells_cut(const unsigned char *d, const cells_t *c, int cy0, int c
     return o;
 }
 
+/* The cells [cy0, cy1) x [cx0, cx1) that hold the box (y0, x0, h, w) of the 1/k-scale image plus
+ * MARGIN output pixels each side; 0 when that is every cell (nothing to cut). */
+static int cells_for_box(const cells_t *c, int k, int y0, int x0, int h, int w, int *cy0, int *cy1, int *cx0,
+                         int *cx1)
+{
+    int top = (y0 > MARGIN ? y0 - MARGIN : 0) * k, left = (x0 > MARGIN ? x0 - MARGIN : 0) * k;
+    int bottom = (y0 + h + MARGIN) * k, right = (x0 + w + MARGIN) * k;
+    *cy0 = top / c->cell_h;
+    *cx0 = left / c->cell_w;
+    *cy1 = (bottom + c->cell_h - 1) / c->cell_h;
+    *cx1 = (right + c->cell_w - 1) / c->cell_w;
+    *cy1 = *cy1 > c->qy ? c->qy : *cy1;
+    *cx1 = *cx1 > c->qx ? c->qx : *cx1;
+    return *cy0 > 0 || *cx0 > 0 || *cy1 < c->qy || *cx1 < c->qx;
+}
+
 /* decode(), through the cut where the JPEG allows it; the whole JPEG's decode otherwise (and
  * whenever the cut's decode fails, so a damaged cut never changes what the caller gets). *how:
  * 1 cut, 0 whole (no usable restarts, or the box needs every cell), -1 the cut failed. */
@@ -294,13 +316,8 @@ static const char *decode_cells(const unsigned char *data, size_t size, unsigned
     *how = 0;
     if (cells_parse(data, size, &c) == 0) {
         if (c.height == height && c.width == width) {
-            int top = (y0 > MARGIN ? y0 - MARGIN : 0) * k, left = (x0 > MARGIN ? x0 - MARGIN : 0) * k;
-            int bottom = (y0 + h + MARGIN) * k, right = (x0 + w + MARGIN) * k;
-            int cy0 = top / c.cell_h, cx0 = left / c.cell_w;
-            int cy1 = (bottom + c.cell_h - 1) / c.cell_h, cx1 = (right + c.cell_w - 1) / c.cell_w;
-            cy1 = cy1 > c.qy ? c.qy : cy1;
-            cx1 = cx1 > c.qx ? c.qx : cx1;
-            if (cy0 > 0 || cx0 > 0 || cy1 < c.qy || cx1 < c.qx) {
+            int cy0, cy1, cx0, cx1;
+            if (cells_for_box(&c, k, y0, x0, h, w, &cy0, &cy1, &cx0, &cx1)) {
                 unsigned char *buf = NULL;
                 size_t n = cells_cut(data, &c, cy0, cy1, cx0, cx1, &buf);
                 int oy = cy0 * c.cell_h, ox = cx0 * c.cell_w;
@@ -397,7 +414,7 @@ done:
 static PyObject *transcode_restarts(PyObject *self, PyObject *args)
 {
     Py_buffer data;
-    int cell_px = 64;
+    int cell_px = 32;
     unsigned char *out = NULL;
     unsigned long out_size = 0;
     const char *reason;
@@ -440,6 +457,39 @@ static PyObject *restart_cells(PyObject *self, PyObject *args)
         Py_RETURN_NONE;
     cells_free(&c);
     return Py_BuildValue("(iiii)", c.qy, c.qx, c.cell_h, c.cell_w);
+}
+
+static PyObject *cut_box(PyObject *self, PyObject *args)
+{
+    Py_buffer data;
+    cells_t c;
+    int y0, x0, h, w, cy0, cy1, cx0, cx1;
+    unsigned char *buf = NULL;
+    size_t n = 0;
+    PyObject *result = NULL;
+
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*iiii:cut_box", &data, &y0, &x0, &h, &w))
+        return NULL;
+    if (cells_parse((const unsigned char *)data.buf, (size_t)data.len, &c) != 0) {
+        PyBuffer_Release(&data);
+        Py_RETURN_NONE;
+    }
+    if (y0 >= 0 && x0 >= 0 && h > 0 && w > 0 && y0 + h <= c.height && x0 + w <= c.width &&
+        cells_for_box(&c, 1, y0, x0, h, w, &cy0, &cy1, &cx0, &cx1)) {
+        n = cells_cut((const unsigned char *)data.buf, &c, cy0, cy1, cx0, cx1, &buf);
+        if (n)
+            result = Py_BuildValue("(y#ii)", (const char *)buf, (Py_ssize_t)n, cy0 * c.cell_h, cx0 * c.cell_w);
+        else
+            PyErr_NoMemory();
+        free(buf);
+    } else {
+        result = Py_None;
+        Py_INCREF(result);
+    }
+    cells_free(&c);
+    PyBuffer_Release(&data);
+    return result;
 }
 
 static PyObject *cut_counts(PyObject *self, PyObject *args)
@@ -495,10 +545,13 @@ static PyMethodDef methods[] = {
      "(y0, x0, h, w) of the 1/k-scale image into out (h*w*3 bytes, RGB); through the restart-marker "
      "cut where the JPEG allows it."},
     {"transcode_restarts", transcode_restarts, METH_VARARGS,
-     "transcode_restarts(data, cell_px=64) -> bytes | reason: the same DCT coefficients, baseline, "
+     "transcode_restarts(data, cell_px=32) -> bytes | reason: the same DCT coefficients, baseline, "
      "optimized Huffman tables, a restart interval of cells about cell_px wide."},
     {"restart_cells", restart_cells, METH_VARARGS,
      "restart_cells(data) -> (rows, cols, cell_h, cell_w) | None: the grid decode_into can cut at."},
+    {"cut_box", cut_box, METH_VARARGS,
+     "cut_box(data, y0, x0, h, w) -> (jpeg, top, left) | None: the JPEG of the restart cells that hold "
+     "the full-res box (plus a margin), and where it starts in the image; None: nothing to cut."},
     {"cut_counts", cut_counts, METH_NOARGS,
      "cut_counts() -> {'cut', 'whole', 'cut_failed'}: decode_into calls this process, by path."},
     {NULL, NULL, 0, NULL},

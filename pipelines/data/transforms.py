@@ -374,6 +374,7 @@ def encode_sample(data: bytes, rng, size: int = 224, scale=MAE_SCALE, ratio=MAE_
     if H * W > Image.MAX_IMAGE_PIXELS:  # decode_rgb's refusal, before any device allocates it
         raise DecodeError(f"image too large: {W}x{H} pixels (limit {Image.MAX_IMAGE_PIXELS})")
     if device_decodable(data, colorspace):
-        return EncodedCrop(None, flip, data, box)
+        cut = crop_decode.cut_box(data, box)  # restart cells (crossmae-prep --jpeg-restarts): just the box's
+        return EncodedCrop(None, flip, data, box) if cut is None else EncodedCrop(None, flip, *cut)
     crop, box = decode_box(data, H, W, box, size, dct_scale)
     return EncodedCrop(np.ascontiguousarray(crop), flip, None, box)

@@ -194,3 +194,22 @@ def test_jpeg_restarts_with_ffcv_is_refused_with_one_line(tmp_path, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--jpeg-restarts" in err[0] and "Traceback" not in err[0]
+
+
+def test_decode_gpu_ships_just_the_boxs_cells_and_the_device_side_gives_the_same_pixels():
+    """decode="gpu" on a CPU device (torchvision's libjpeg-turbo in nvJPEG's place): the worker
+    sends the cut, the box moved into it; the batch's pixels are the CPU path's on the original."""
+    from pipelines.data.device_decode import decode_jpeg_batch
+    from pipelines.data.transforms import collate_samples, encode_sample, mae_train
+    originals = [photo(w, h, seed=w) for w, h in ((460, 400), (300, 500), (900, 700), (150, 120))]
+    datas = [add_restarts(d) for d in originals]
+    for seed in (0, 5):
+        samples = [encode_sample(d, seed + i) for i, d in enumerate(datas)]
+        assert sum(len(s.jpeg) for s in samples) < 0.9 * sum(map(len, datas))  # the cut went, not the whole
+        for s, d in zip(samples, originals):
+            assert image_size(s.jpeg)[0] >= s.box[0] + s.box[2] and image_size(s.jpeg)[1] >= s.box[1] + s.box[3]
+        batch = collate_samples(samples)
+        out, bad = decode_jpeg_batch(batch, 224, "cpu")
+        assert not bad
+        for i, d in enumerate(originals):
+            assert torch.equal(out[i], mae_train(d, seed + i, dct_scale=False)), i
