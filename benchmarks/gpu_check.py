@@ -6,12 +6,13 @@
 
 Stages, each in its own process group under its own time box; a failed stage is recorded and the
 next one runs: install (wheels the node lacks, into WORK/site, never the node's torch), images
-(a small set of real photos, sharded with crossmae-prep), pretrain_1gpu / pretrain_ngpu
-(crossmae-pretrain under torchrun on 1 and on every visible GPU, ViT-B preset, batch 256 per GPU,
-80 steps), throughput (benchmarks/gpu_throughput.py), loader_rate and loader_rate_gpu_decode
-(benchmarks/loader_rate.py; the latter is skipped while the trainer refuses data.decode=gpu).
+(a small set of real photos, sharded with crossmae-prep, and again with --jpeg-restarts),
+pretrain_1gpu / pretrain_ngpu (crossmae-pretrain under torchrun on 1 and on every visible GPU,
+ViT-B preset, batch 256 per GPU, 80 steps), throughput (benchmarks/gpu_throughput.py), loader_rate,
+loader_rate_restarts (the --jpeg-restarts shards) and loader_rate_gpu_decode
+(benchmarks/loader_rate.py; the last is skipped while the trainer refuses data.decode=gpu).
 OUT gets gpu_check.json (rewritten after every stage), gpu_check.log, the trainer's metrics and the
-benchmarks' JSON: 7 files at most. Exit 1 if any stage failed or timed out, 2 on bad usage.
+benchmarks' JSON: 8 files at most. Exit 1 if any stage failed or timed out, 2 on bad usage.
 Only the standard library is imported here: the node's Python may lack everything else until
 the install stage has run.
 """
@@ -34,7 +35,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from gpu_check_setup import install, make_images, make_wheelhouse  # noqa: E402
 
-STAGES = ("install", "images", "pretrain_1gpu", "pretrain_ngpu", "throughput", "loader_rate", "loader_rate_gpu_decode")
+STAGES = ("install", "images", "pretrain_1gpu", "pretrain_ngpu", "throughput", "loader_rate", "loader_rate_restarts",
+          "loader_rate_gpu_decode")
 NOT_SUPPORTED_RC = 3  # benchmarks/loader_rate.py: the checkout refuses the option -> "skipped"
 STEPS, BATCH = 80, 256
 OUT_PREFIXES = ("gpu_check.", "metrics_pretrain_", "gpu_throughput.", "loader_rate")  # what a check writes to OUT
@@ -190,7 +192,8 @@ def plan(args, py: str, n_gpus: int, cpus: int, work: str, out: str) -> list[Sta
         Stage("install", [py, me, "install", args.wheelhouse, os.path.join(work, "site"), "--report",
                           os.path.join(work, "install.json")], 120, read=_json(os.path.join(work, "install.json"))),
         Stage("images", [py, me, "images", os.path.join(work, "images"), os.path.join(work, "wds"), str(n_images),
-                         "--processes", str(min(cpus, 16)), "--report", os.path.join(work, "images.json")]
+                         "--processes", str(min(cpus, 16)), "--report", os.path.join(work, "images.json"),
+                         "--restarts-wds", os.path.join(work, "wds_rst")]
               + (["--small"] if cpu else []), 60 if cpu else 150, read=_json(os.path.join(work, "images.json")))]
     for name, world in (("pretrain_1gpu", 1), ("pretrain_ngpu", world_n)):
         if name == "pretrain_ngpu" and world < 2:
@@ -221,11 +224,14 @@ def plan(args, py: str, n_gpus: int, cpus: int, work: str, out: str) -> list[Sta
     stages.append(Stage("throughput", [py, "benchmarks/gpu_throughput.py", "--json", tp] + (
         ["--smoke"] if cpu else ["--batch", str(BATCH), "--steps", "20", "--warmup", "3"]), 120 if cpu else 240,
         read=_throughput(tp)))
-    for name, extra in (("loader_rate", []), ("loader_rate_gpu_decode", ["--resize", "device", "data.decode=gpu"])):
+    # loader_rate_restarts: the same images sharded with --jpeg-restarts (the loader decodes only each crop's cells)
+    for name, extra, m in (("loader_rate", [], manifest),
+                           ("loader_rate_restarts", [], os.path.join(work, "wds_rst", "train", "manifest.json")),
+                           ("loader_rate_gpu_decode", ["--resize", "device", "data.decode=gpu"], manifest)):
         js = os.path.join(out, f"{name}.json")
         size = ["--batch", "16", "--image-size", "32", "--epochs", "1", "--workers", "0"] if cpu else \
             ["--batch", str(BATCH), "--epochs", "2", "--workers", str(max(1, cpus - 2))]
-        stages.append(Stage(name, [py, "benchmarks/loader_rate.py", "--manifest", manifest, "--json", js,
+        stages.append(Stage(name, [py, "benchmarks/loader_rate.py", "--manifest", m, "--json", js,
                                    *size, *extra],
                             60 if cpu else 120, skip_rc=NOT_SUPPORTED_RC, read=_json(js)))
     return stages

@@ -214,6 +214,8 @@ def make_images(argv: list[str]) -> int:
     ap.add_argument("--small", action="store_true", help="1/4 of ImageNet's sizes (CPU smoke runs)")
     ap.add_argument("--processes", type=int, default=os.cpu_count())
     ap.add_argument("--report", required=True)
+    ap.add_argument("--restarts-wds", default=None,
+                    help="also shard the same images here with --jpeg-restarts (the loader_rate_restarts stage)")
     args = ap.parse_args(argv)
     from multiprocessing import Pool
 
@@ -231,9 +233,16 @@ def make_images(argv: list[str]) -> int:
     sys.path.insert(0, ROOT)
     from data_prep.cli import main as prep
 
-    rc = prep(["folder", args.images, args.wds, "--split", "train", "--processes", str(args.processes),
-               "--shard-samples", "64" if args.small else "512"])
+    common = ["--split", "train", "--processes", str(args.processes), "--shard-samples", "64" if args.small else "512"]
+    rc = prep(["folder", args.images, args.wds, *common])
+    extra = {}
+    if args.restarts_wds and rc == 0:
+        shutil.rmtree(args.restarts_wds, ignore_errors=True)
+        t0 = time.perf_counter()
+        rc = prep(["folder", args.images, args.restarts_wds, *common, "--jpeg-restarts"])
+        extra = dict(manifest_restarts=os.path.join(args.restarts_wds, "train", "manifest.json"),
+                     prep_restarts_s=round(time.perf_counter() - t0, 2), prep_restarts_rc=rc)
     with open(args.report, "w") as f:
         json.dump(dict(images=args.n, photos=len(PHOTOS), mean_kib=round(sum(sizes) / len(sizes) / 1024, 1),
-                       manifest=os.path.join(args.wds, "train", "manifest.json"), prep_rc=rc), f, indent=1)
+                       manifest=os.path.join(args.wds, "train", "manifest.json"), prep_rc=rc, **extra), f, indent=1)
     return rc

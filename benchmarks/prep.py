@@ -4,7 +4,8 @@ Generates N photo-like JPEGs (default 2000, 500x375, q90) in a class folder tree
 on ONE process: (a) `tar cf` of the tree (the floor: reading + writing the same bytes), (a') the same plus
 sha256 and fsync of the tar (the integrity and durability prep guarantees),
 (b) `crossmae-prep folder` with header validation (original bytes kept), (c) the same with
-full decode validation. Target: header-validated sharding >= 0.5x the plain copy rate.
+full decode validation, (d) header validation with --jpeg-restarts (each JPEG rewritten losslessly
+with restart markers). Target: header-validated sharding >= 0.5x the plain copy rate.
 
     python benchmarks/prep.py --images 2000 [--json out.json]
 """
@@ -58,7 +59,7 @@ def main():
         subprocess.run(["tar", "cf", os.path.join(work, "warm.tar"), "-C", src, "."], check=True)  # warm cache
         best = {}
         for r in range(args.repeats):
-            for name in ("tar copy", "tar+sha256+fsync", "prep header", "prep decode"):
+            for name in ("tar copy", "tar+sha256+fsync", "prep header", "prep decode", "prep restarts"):
                 out = os.path.join(work, f"out-{r}-{name.replace(' ', '-')}")
                 t0 = time.perf_counter()
                 if name.startswith("tar"):
@@ -70,7 +71,9 @@ def main():
                             os.fsync(f.fileno())
                 else:
                     listing = list_image_folder(src, "train")
-                    opts = PrepOptions(shard_bytes=64_000_000, image=ImageOptions(validate=name.split()[1]))
+                    restarts = name == "prep restarts"  # --jpeg-restarts (header validation + the lossless rewrite)
+                    opts = PrepOptions(shard_bytes=64_000_000, image=ImageOptions(
+                        validate="header" if restarts else name.split()[1], restarts=restarts))
                     prepare_split(listing, out, opts, progress=False)
                 dt = time.perf_counter() - t0
                 best[name] = min(best.get(name, dt), dt)

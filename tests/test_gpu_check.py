@@ -40,7 +40,7 @@ def processes_mentioning(text: str) -> list[str]:
 
 
 def test_summary_names_every_stage_with_rc_and_seconds(tmp_path):
-    proc, summary, out = gpu_check(tmp_path, "--stages", "images,loader_rate,loader_rate_gpu_decode")
+    proc, summary, out = gpu_check(tmp_path, "--stages", "images,loader_rate,loader_rate_restarts,loader_rate_gpu_decode")
     assert proc.returncode == 0, proc.stderr[-3000:]
     stages = summary["stages"]
     assert list(stages) == list(STAGES) and summary["ok"] is True and summary["mode"] == "cpu"
@@ -50,6 +50,9 @@ def test_summary_names_every_stage_with_rc_and_seconds(tmp_path):
     assert rate["status"] == "ok" and rate["rc"] == 0 and rate["seconds"] > 0
     assert set(rate["result"]["modes"]) == {"resize=cpu", "resize=device"}
     assert all(m["images_per_s"] > 0 and m["images_per_epoch"] == 256 for m in rate["result"]["modes"].values())
+    restarts = stages["loader_rate_restarts"]  # the same images, prepared with --jpeg-restarts
+    assert restarts["status"] == "ok" and stages["images"]["result"]["prep_restarts_rc"] == 0
+    assert all(m["images_per_epoch"] == 256 for m in restarts["result"]["modes"].values())
     decode = stages["loader_rate_gpu_decode"]  # runs once the trainer takes data.decode=gpu, else skipped
     assert decode["status"] == "ok" or (decode["rc"] == 3 and "not supported" in decode["last_stderr"]), decode
     assert stages["pretrain_1gpu"] == dict(status="skipped", rc=None, seconds=0.0, reason="not in --stages")
