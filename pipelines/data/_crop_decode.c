@@ -210,7 +210,7 @@ static int cells_parse(const unsigned char *d, size_t n, cells_t *c)
                 return -1;
             interval = (d[i + 4] << 8) | d[i + 5];
         } else if (m == 0xDA) {
-            if (!found || d[i + 4] != nc)
+            if (!found || len < 6 || d[i + 4] != nc)
                 return -1;  /* one interleaved scan of every component only */
             c->scan = i + 2 + len;
             break;

@@ -213,3 +213,39 @@ def test_decode_gpu_ships_just_the_boxs_cells_and_the_device_side_gives_the_same
         assert not bad
         for i, d in enumerate(originals):
             assert torch.equal(out[i], mae_train(d, seed + i, dct_scale=False)), i
+
+
+def test_damaged_bytes_never_crash_the_cut(monkeypatch):
+    """Random damage to a restart JPEG's markers, tables and entropy data (flipped bytes, stray
+    markers, cuts): the cells parser, cut_box and decode_crop each return or raise DecodeError;
+    the extension never reads outside the bytes (a crash would take the test process down)."""
+    monkeypatch.setattr(crop_decode, "_SAID", {})
+    from pipelines.data.jpeg import DecodeError
+    good = add_restarts(photo(300, 200, seed=1))
+    rng = np.random.default_rng(0)
+    sos = good.index(b"\xff\xda")
+    outcomes = set()
+    for trial in range(300):
+        b = bytearray(good)
+        kind = trial % 4
+        if kind == 0:  # header bytes (lengths, sizes, sampling factors, the restart interval)
+            for i in rng.integers(2, sos + 12, 3):
+                b[i] = int(rng.integers(256))
+        elif kind == 1:  # stray or misnumbered markers in the entropy data
+            for i in rng.integers(sos + 12, len(b) - 2, 4):
+                b[i:i + 2] = bytes([0xFF, int(rng.integers(0xC0, 0x100))])
+        elif kind == 2:  # cut short, the end marker put back
+            b = b[:int(rng.integers(sos, len(b)))] + b"\xff\xd9"
+        else:  # entropy bytes
+            for i in rng.integers(sos + 12, len(b) - 2, 20):
+                b[i] = int(rng.integers(256))
+        data = bytes(b)
+        restart_cells(data)
+        crop_decode.cut_box(data, (20, 30, 150, 200))
+        try:
+            r = decode_crop(data, (20, 30, 150, 200), None, (200, 300))
+            assert r.pixels.shape == (150, 200, 3)
+            outcomes.add("decoded" if r.fallback is None else "fallback")
+        except DecodeError:
+            outcomes.add("DecodeError")
+    assert {"decoded", "fallback", "DecodeError"} <= outcomes, outcomes
