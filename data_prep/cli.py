@@ -343,9 +343,21 @@ def _loader_stats(args) -> dict:
             "(never over 1x)",
             f"shuffle: {mix['mean']:.2f} shards per batch on rank 0 (min {mix['min']}, max {mix['max']}); "
             + (f"a batch is a run of the epoch order, whose blocks of {r['block_size']} samples are each shuffled"
-               if none is not None else "every batch is drawn from the whole epoch")):
+               if none is not None else "every batch is drawn from the whole epoch"),
+            _decode_line(shards.restarts)):
         print(f"crossmae-prep: loader-stats: {line}", file=sys.stderr)
+    r["jpeg_restarts"] = None if shards.restarts is None else dict(zip(("transcoded", "kept"), shards.restarts))
     return r
+
+
+def _decode_line(restarts: tuple[int, int] | None) -> str:
+    """loader-stats' line on what the workers' crops decode."""
+    if restarts is None:
+        return ("decode: each crop's rows and MCU columns; the Huffman pass reads every row above it "
+                "(prep with --jpeg-restarts to decode only the crop's restart cells)")
+    done, kept = restarts
+    return (f"decode: {done} samples carry restart markers (--jpeg-restarts): a crop decodes only its cells"
+            + (f"; {kept} kept without them decode as before" if kept else ""))
 
 
 def _finalize(args) -> dict:

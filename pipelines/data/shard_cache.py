@@ -44,6 +44,9 @@ class ShardList:
     # 0, every, 2 * every, ... (an empty tuple: that shard has none; ``index_every`` 0: no shard has).
     index_every: int = 0
     index: tuple[tuple[int, ...], ...] = ()
+    # crossmae-prep --jpeg-restarts: (samples rewritten with restart markers, samples kept as they were);
+    # None: the manifest says nothing (written without it, or by another tool)
+    restarts: tuple[int, int] | None = None
 
     def index_start(self, shard: int, index: int) -> tuple[int, int]:
         """(sample, byte offset) to start reading ``shard`` at to reach its sample ``index``: the
@@ -75,7 +78,12 @@ class ShardList:
                 raise ValueError(f"{manifest_url}: bad shard entry {name!r} ({n} samples)")
         urls = tuple(shard_url(manifest_url, name) for name, _ in shards)  # refuses names leaving the folder
         every, index = _sample_index(manifest_url, m, shards, sizes)
-        return cls(urls, tuple(n for _, n in shards), sizes, every, index)
+        r = m.get("jpeg_restarts")
+        try:
+            restarts = (int(r["transcoded"]), sum(int(n) for n in r["kept"].values())) if r is not None else None
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"{manifest_url}: malformed jpeg_restarts ({type(e).__name__}: {e})") from None
+        return cls(urls, tuple(n for _, n in shards), sizes, every, index, restarts)
 
     @classmethod
     def from_pattern(cls, pattern: str) -> "ShardList":

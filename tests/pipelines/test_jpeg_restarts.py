@@ -156,6 +156,10 @@ def test_prep_writes_counts_and_says_it_and_the_loader_gives_the_same_batches(tw
     assert r["transcoded"] == m["num_samples"] == plain["num_samples"] == 32 and r["kept"] == {}
     assert r["bytes_after"] < r["bytes_before"]
     assert f"32 with restart markers ({r['bytes_after'] / r['bytes_before']:.3f}x the bytes)" in err
+    assert prep(["loader-stats", str(root / "restarts/train/manifest.json"), "--batch", "4"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["jpeg_restarts"] == {"transcoded": 32, "kept": 0}
+    assert "loader-stats: decode: 32 samples carry restart markers (--jpeg-restarts)" in out.err
 
     def batches(manifest, workers):
         with StreamingLoader.from_manifest(str(manifest), batch_size=4, transform=MAETrainTransform(64), rank=0,
@@ -184,6 +188,9 @@ def test_kept_samples_are_counted_in_the_manifest_and_said(tmp_path, capsys, mon
     m = json.loads((tmp_path / "out/train/manifest.json").read_text())
     assert m["jpeg_restarts"]["transcoded"] == 2 and m["jpeg_restarts"]["kept"] == {"corrupt": 1}
     assert "2 with restart markers" in err and "1 kept without them (corrupt 1)" in err
+    assert prep(["loader-stats", str(tmp_path / "out/train/manifest.json"), "--batch", "1"]) == 0
+    assert "2 samples carry restart markers (--jpeg-restarts): a crop decodes only its cells; 1 kept without them " \
+           "decode as before" in capsys.readouterr().err
 
 
 def test_jpeg_restarts_with_ffcv_is_refused_with_one_line(tmp_path, capsys):
@@ -249,3 +256,18 @@ def test_damaged_bytes_never_crash_the_cut(monkeypatch):
         except DecodeError:
             outcomes.add("DecodeError")
     assert {"decoded", "fallback", "DecodeError"} <= outcomes, outcomes
+
+
+def test_a_damaged_jpeg_restarts_record_is_refused_with_one_line(two_preps, tmp_path, capsys):
+    root = two_preps
+    if not (root / "restarts/train/manifest.json").exists():
+        assert prep(["folder", str(root / "src"), str(root / "restarts"), "--shard-samples", "8",
+                     "--jpeg-restarts"]) == 0
+    m = json.loads((root / "restarts/train/manifest.json").read_text())
+    m["jpeg_restarts"] = {"transcoded": "many"}
+    bad = root / "restarts/train/damaged.json"
+    bad.write_text(json.dumps(m))
+    capsys.readouterr()
+    assert prep(["loader-stats", str(bad), "--batch", "4"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "malformed jpeg_restarts" in err[0] and "Traceback" not in err[0], err

@@ -54,8 +54,9 @@ def test_loader_stats_prints_what_a_run_will_read_and_the_loader_reads_it(local_
     m = json.loads(local_manifest.read_text())
     dataset = sum(s["bytes"] for s in m["shards"])
     assert (r["shards"], r["samples"], r["dataset_bytes"]) == (m["num_shards"], 96, dataset)
-    assert len(lines) == 5 and f"{m['num_shards']} shards, 96 samples" in lines[0]
+    assert len(lines) == 6 and f"{m['num_shards']} shards, 96 samples" in lines[0]
     assert f"no shard cache: {r['no_cache']['gets_per_epoch']} GETs" in lines[2] and "shards per batch" in lines[4]
+    assert "prep with --jpeg-restarts" in lines[5] and r["jpeg_restarts"] is None
 
     no_cache = [read_epochs(remote, rank, 1) for rank in range(WORLD)]
     assert sum(t[0]["gets"] for t in no_cache) == r["no_cache"]["gets_per_epoch"] > m["num_shards"]
