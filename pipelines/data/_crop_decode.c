@@ -153,7 +153,7 @@ done:
 #define MARGIN 2  /* output pixels kept beyond the box on each side that is not the image's edge */
 
 typedef struct {
-    size_t sof, sof_len, scan;  /* SOF marker offset, its segment length with the marker, first scan byte */
+    size_t sof, scan;           /* SOF marker offset (its size bytes are patched in a cut), first scan byte */
     int height, width, cell_h, cell_w, qx, qy;  /* image; cells (intervals) in full-res px, grid qx x qy */
     size_t n;                   /* intervals */
     size_t *starts, *ends;      /* interval j's entropy bytes: [starts[j], ends[j]) */
@@ -201,7 +201,6 @@ static int cells_parse(const unsigned char *d, size_t n, cells_t *c)
                 vmax = vs > vmax ? vs : vmax;
             }
             c->sof = i;
-            c->sof_len = 2 + len;
             found = 1;
         } else if (m >= 0xC2 && m <= 0xCF && m != 0xC4 && m != 0xC8 && m != 0xCC) {
             return -1;  /* progressive, lossless, arithmetic-coded, hierarchical */

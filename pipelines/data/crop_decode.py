@@ -133,10 +133,11 @@ def add_restarts(data: bytes, cell_px: int = RESTART_CELL_PX) -> bytes | str:
     caller keeps the original bytes and counts the reason. With such restarts decode_crop cuts a
     JPEG of just the box's cells and decodes that: no Huffman pass over the rest.
 
-    Measured (2026-12-03, one core, 400 photo JPEGs of ~73 KB as benchmarks/crop_decode.py's):
-    3.9 ms CPU per image to transcode; the files come out 4% smaller (optimized tables outweigh
-    the ~2 bytes per restart marker); decode_crop of a RandomResizedCrop box 1,121 vs 1,354 us,
-    mae_train 1,898 vs 2,215 us (benchmarks/loader_overhead.py has the loader's rows)."""
+    Measured (2026-12-03, one core, 1,000 photo JPEGs of ~73 KB, benchmarks/crop_decode.py):
+    ~3.8 ms CPU per image to transcode; the files come out 0.968x the bytes (optimized tables
+    outweigh the ~2 bytes per restart marker); decode_crop of a RandomResizedCrop box 1,051 vs
+    1,211 us without restarts (1,299 for a full decode); with the resize 1,540 vs 1,788 us
+    (BENCHMARKS.md "--jpeg-restarts" has the loader's rows)."""
     if _crop_decode is None:
         return "extension missing"
     if data[:2] != _JPEG_START:
